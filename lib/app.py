@@ -1,0 +1,87 @@
+"""The composition root: settings -> registry, provider, cache tiers -> one service per process.
+
+Built on the first request, not at import, so a cold start that only imports the
+handler pays for nothing, and a configuration error becomes a clear 500 answer
+instead of a crash. Heavy modules (the openai SDK, supabase, torch) are imported by
+the parts that use them, when they first need them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from . import config
+from .cache.base import Cache, NoCache
+from .cache.memory import MemoryCache
+from .models import DEFAULT_MODEL, Registry
+from .providers.base import Provider
+from .service import EmbeddingService
+
+
+class App:
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.provider, settings.hf_models)
+        self.default_model = settings.model or DEFAULT_MODEL[settings.provider]
+        if settings.model and settings.model not in self.registry.ids:
+            raise config.ConfigError(
+                f"EMBEDDINGS_MODEL={settings.model!r} is not served by EMBEDDINGS_PROVIDER={settings.provider}; "
+                f"choose one of {', '.join(self.registry.ids)} (Hugging Face models can be added with HF_MODELS)")
+        self.provider = make_provider(settings)
+        self.tiers = make_tiers(settings)
+        self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s)
+
+    @property
+    def cache_name(self) -> str:
+        return self.settings.cache
+
+
+def make_provider(s: config.Settings) -> Provider:
+    if s.provider == "openai":
+        from .providers.openai import OpenAIProvider
+
+        return OpenAIProvider(s.openai_api_key, s.openai_base_url, timeout_s=s.timeout_s)
+    if s.provider == "huggingface":
+        from .providers.huggingface import HuggingFaceProvider
+
+        return HuggingFaceProvider(s.hf_token, s.hf_inference_url, batch_size=s.hf_batch_size, options=s.hf_options)
+    from .providers.local import LocalProvider
+
+    return LocalProvider()
+
+
+def make_tiers(s: config.Settings) -> list[Cache]:
+    if s.cache == "none":
+        return [NoCache()]
+    memory = MemoryCache(s.memory_cache_bytes)
+    if s.cache == "memory":
+        return [memory]
+    if s.cache == "sqlite":
+        from .cache.sqlite import SQLiteCache
+
+        return [memory, SQLiteCache(s.sqlite_path)]
+    from .cache.supabase import SupabaseCache
+
+    return [memory, SupabaseCache(s.supabase_url, s.supabase_key, timeout_s=s.supabase_timeout_s)]
+
+
+_app: App | None = None
+_lock = threading.Lock()
+
+
+def get_app() -> App:
+    """The process's one App (shared by all request threads). Raises ConfigError, every time, if misconfigured."""
+    global _app
+    if _app is not None:
+        return _app
+    with _lock:
+        if _app is None:
+            _app = App(config.load())
+        return _app
+
+
+def reset() -> None:
+    """Forget the App (tests that change the environment)."""
+    global _app
+    with _lock:
+        _app = None

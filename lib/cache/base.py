@@ -1,0 +1,52 @@
+"""The one interface every cache backend implements.
+
+A cache maps a key (the hex SHA-256 of `lib.keys`) to a vector's raw float32
+bytes. It knows nothing of providers or HTTP. Backends may raise on failure; the
+service treats every cache error as a miss, so the cache is a speed layer and
+never a point of failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    model: str
+    dimensions: int  # the length of the vector, in float32 values
+    vector: bytes
+
+
+class Cache(Protocol):
+    name: str
+
+    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+        """The vectors found for `keys` (absent keys are simply missing). One round trip."""
+        ...
+
+    def put_many(self, entries: Sequence[Entry]) -> int:
+        """Store entries that are not there yet; returns how many were new. One round trip."""
+        ...
+
+    def ping(self) -> bool:
+        """Whether the backend answers (for /api/health)."""
+        ...
+
+
+class NoCache:
+    """`EMBEDDINGS_CACHE=none`: every input is a miss."""
+
+    name = "none"
+
+    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+        return {}
+
+    def put_many(self, entries: Sequence[Entry]) -> int:
+        return 0
+
+    def ping(self) -> bool:
+        return True

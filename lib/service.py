@@ -1,0 +1,188 @@
+"""The embedding service: dedupe, keys, cache lookup, provider for the misses, cache write, reassembly.
+
+This is the `CacheBackedEmbeddings` idea made per-input and batch-wise:
+
+1. one key per input (`lib.keys`); repeated inputs share a key and are computed once;
+2. one `get_many` per cache tier (memory first, then the persistent backend);
+   a tier that errors is skipped and logged, never fatal; a stored vector of the
+   wrong length or not finite is a miss (and is replaced when recomputed);
+3. the misses go to the provider in batches that respect its limits; a miss that
+   another thread of this process is already computing is waited for, not paid twice;
+4. each batch is validated and written to every tier as soon as it arrives, so a later
+   failure loses nothing already paid for;
+5. the answer is reassembled in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+from .cache.base import Cache, Entry
+from .deadline import Deadline
+from .errors import ProviderError
+from .keys import cache_key
+from .models import ModelSpec, Registry
+from .providers.base import Item, Provider
+from .vectors import is_valid
+
+log = logging.getLogger("embeddings")
+
+
+@dataclass
+class Result:
+    vectors: list[bytes]  # one per input, in input order
+    hits: int  # distinct inputs served from a cache
+    misses: int  # distinct inputs computed (or waited for) in this request
+    tokens: int  # tokens the provider billed for this request
+    cache_errors: list[str] = field(default_factory=list)  # tiers that failed (names only)
+
+
+class EmbeddingService:
+    def __init__(self, registry: Registry, provider: Provider, tiers: Sequence[Cache], timeout_s: float) -> None:
+        self.registry = registry
+        self.provider = provider
+        self.tiers = list(tiers)
+        self.timeout_s = timeout_s
+        self._inflight: dict[str, Future[bytes]] = {}
+        self._inflight_lock = threading.Lock()
+
+    def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None,
+              deadline: Deadline | None = None) -> Result:
+        deadline = deadline or Deadline(self.timeout_s)
+        options = self.provider.key_options(model)
+        keys = [cache_key(model.id, dimensions, item, options) for item in items]
+        distinct: dict[str, Item] = {}
+        for key, item in zip(keys, items):
+            distinct.setdefault(key, item)
+
+        expected = dimensions or model.dimensions
+        found, errors = self._lookup(list(distinct), expected)
+        hits = len(found)
+        missing = [k for k in distinct if k not in found]
+        tokens = 0
+        if missing:
+            computed, tokens, put_errors = self._compute(missing, distinct, model, dimensions, deadline)
+            found.update(computed)
+            errors += [e for e in put_errors if e not in errors]
+        return Result([found[k] for k in keys], hits, len(missing), tokens, errors)
+
+    # -- cache tiers -------------------------------------------------------------------------
+
+    def _lookup(self, keys: list[str], expected: int | None) -> tuple[dict[str, bytes], list[str]]:
+        found: dict[str, bytes] = {}
+        errors: list[str] = []
+        remaining = keys
+        for depth, tier in enumerate(self.tiers):
+            if not remaining:
+                break
+            try:
+                got = tier.get_many(remaining)
+            except Exception as exc:  # the cache is a speed layer: any failure is a miss
+                log.warning("cache %s get failed: %s", tier.name, type(exc).__name__)
+                errors.append(tier.name)
+                continue
+            good = {k: v for k, v in got.items() if expected is not None and is_valid(v, expected)}
+            if len(good) != len(got):
+                log.warning("cache %s: ignored %d invalid vector(s)", tier.name, len(got) - len(good))
+            if good and depth > 0:
+                # Warm the faster tiers in front with what the slower one had.
+                self._put(self.tiers[:depth], [Entry(k, "", len(v) // 4, v) for k, v in good.items()], errors)
+            found.update(good)
+            remaining = [k for k in remaining if k not in good]
+        return found, errors
+
+    def _put(self, tiers: Sequence[Cache], entries: list[Entry], errors: list[str]) -> None:
+        for tier in tiers:
+            try:
+                tier.put_many(entries)
+            except Exception as exc:
+                log.warning("cache %s put failed: %s", tier.name, type(exc).__name__)
+                if tier.name not in errors:
+                    errors.append(tier.name)
+
+    # -- provider --------------------------------------------------------------------------------
+
+    def _compute(self, keys: list[str], distinct: dict[str, Item], model: ModelSpec, dimensions: int | None,
+                 deadline: Deadline) -> tuple[dict[str, bytes], int, list[str]]:
+        # Single flight: claim the keys nobody in this process is computing; wait for the rest.
+        mine: dict[str, Future[bytes]] = {}
+        theirs: dict[str, Future[bytes]] = {}
+        with self._inflight_lock:
+            for k in keys:
+                fut = self._inflight.get(k)
+                if fut is None:
+                    mine[k] = self._inflight[k] = Future()
+                else:
+                    theirs[k] = fut
+        results: dict[str, bytes] = {}
+        errors: list[str] = []
+        tokens = 0
+        try:
+            if mine:
+                tokens = self._call_provider(list(mine), distinct, model, dimensions, deadline, mine, results, errors)
+        finally:
+            with self._inflight_lock:
+                for k, fut in mine.items():
+                    self._inflight.pop(k, None)
+                    if not fut.done():
+                        fut.set_exception(ProviderError(502, "The batch computing this input failed",
+                                                        retryable=True, code="provider_error"))
+        for k, fut in theirs.items():
+            try:
+                results[k] = fut.result(timeout=deadline.remaining())
+            except FutureTimeout:
+                raise ProviderError(504, "Timed out waiting for the embedding provider", retryable=False,
+                                    code="provider_timeout") from None
+        return results, tokens, errors
+
+    def _call_provider(self, keys: list[str], distinct: dict[str, Item], model: ModelSpec, dimensions: int | None,
+                       deadline: Deadline, futures: dict[str, Future[bytes]], results: dict[str, bytes],
+                       errors: list[str]) -> int:
+        items = [distinct[k] for k in keys]
+        batches = self.provider.plan(items, model)
+
+        def run(batch: list[int]) -> int:
+            out = self.provider.embed([items[i] for i in batch], model, dimensions, deadline)
+            vectors = self._validated(out.vectors, len(batch), model, dimensions)
+            entries = [Entry(keys[i], model.id, len(v) // 4, v) for i, v in zip(batch, vectors)]
+            # Cache each batch as soon as it is paid for: a later failure must not lose it.
+            self._put(self.tiers, entries, errors)
+            for e in entries:
+                results[e.key] = e.vector
+                futures[e.key].set_result(e.vector)
+            return out.tokens
+
+        if len(batches) == 1 or self.provider.concurrency <= 1:
+            return sum(run(b) for b in batches)
+        tokens = 0
+        first_error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=min(self.provider.concurrency, len(batches))) as pool:
+            for fut in [pool.submit(run, b) for b in batches]:
+                try:
+                    tokens += fut.result()
+                except BaseException as exc:  # keep the other batches' results, report the first error
+                    first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return tokens
+
+    def _validated(self, vectors: list[bytes], count: int, model: ModelSpec, dimensions: int | None) -> list[bytes]:
+        """A malformed answer is an error, never cached."""
+        if len(vectors) != count:
+            raise ProviderError(502, f"The embedding provider returned {len(vectors)} vectors for {count} inputs",
+                                retryable=False, code="provider_malformed")
+        expected = dimensions or model.dimensions
+        if expected is None and vectors:
+            # A model named only in configuration: learn its size from its first answer.
+            expected = len(vectors[0]) // 4
+            self.registry.learn_dimensions(model.id, expected)
+        for v in vectors:
+            if not is_valid(v, expected or 0):
+                raise ProviderError(502, "The embedding provider returned a vector of the wrong length or with "
+                                    "non-finite values", retryable=False, code="provider_malformed")
+        return vectors
