@@ -43,15 +43,20 @@ class SQLiteCache:
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self._local = threading.local()
-        with self._conn() as conn:
-            conn.execute(_SCHEMA)
+        # Connections (and the schema) are made on first use, so a broken file degrades requests
+        # to cache misses instead of stopping the server from starting.
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(_SCHEMA)
+            except sqlite3.Error:
+                conn.close()
+                raise
             self._local.conn = conn
         return conn
 

@@ -1,0 +1,111 @@
+"""Shared fixtures: loopback upstreams, an in-process server, the dev server in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lib import app as app_module  # noqa: E402
+from tests.upstreams import FakeOpenAI  # noqa: E402
+
+# Never let a developer's real keys or settings leak into a test run.
+_OURS = ("EMBEDDINGS_", "OPENAI_", "HF_", "SUPABASE_", "VERCEL")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith(_OURS) and name != "HF_HUB_OFFLINE":
+            monkeypatch.delenv(name, raising=False)
+    app_module.reset()
+    yield
+    app_module.reset()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    up = FakeOpenAI()
+    yield up
+    up.close()
+
+
+class Running:
+    """A server under test: its base URL and an httpx client."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = httpx.Client(base_url=url, timeout=60)
+
+    def embed(self, payload: object, **headers: str) -> httpx.Response:
+        return self.client.post("/v1/embeddings", json=payload, headers=headers)
+
+
+def openai_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, tmp_path: Path, cache: str = "sqlite",
+               **extra: str) -> None:
+    monkeypatch.setenv("EMBEDDINGS_PROVIDER", "openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream_url)
+    monkeypatch.setenv("EMBEDDINGS_CACHE", cache)
+    monkeypatch.setenv("EMBEDDINGS_SQLITE_PATH", str(tmp_path / "cache.sqlite3"))
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+    app_module.reset()
+
+
+@pytest.fixture
+def serve() -> Iterator[callable]:
+    """Start the dev server's router in this process (with the environment as set by the test)."""
+    from lib.devserver import make_server
+
+    servers = []
+
+    def start() -> Running:
+        server = make_server("127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return Running(f"http://127.0.0.1:{server.server_address[1]}")
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def start_devserver(env: dict[str, str], port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m lib.devserver` in a subprocess; waits until it answers /api/health."""
+    port = port or free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
+    full.update(env)
+    full["PORT"] = str(port)
+    proc = subprocess.Popen([sys.executable, "-m", "lib.devserver"], cwd=ROOT, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("dev server exited: " + (proc.stdout.read() if proc.stdout else ""))
+        try:
+            if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("dev server did not start")

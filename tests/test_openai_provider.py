@@ -1,0 +1,151 @@
+"""The cache in front of the `openai` provider, against a loopback OpenAI that counts calls."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from tests.conftest import openai_env
+
+
+def vec(item: dict) -> np.ndarray:
+    emb = item["embedding"]
+    if isinstance(emb, str):
+        return np.frombuffer(base64.b64decode(emb), dtype="<f4")
+    return np.array(emb, dtype=np.float32)
+
+
+@pytest.fixture
+def server(monkeypatch, fake_openai, tmp_path, serve):
+    openai_env(monkeypatch, fake_openai.url, tmp_path)
+    return serve()
+
+
+def test_duplicates_in_a_batch_are_sent_once_and_answered_in_order(server, fake_openai):
+    texts = ["apple", "banana", "apple", "cherry", "banana", "apple"]
+    r = server.embed({"input": texts, "model": "text-embedding-3-small", "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    assert fake_openai.calls == 1
+    assert sorted(fake_openai.sent_inputs()) == ["apple", "banana", "cherry"]
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == list(range(6))
+    for text, d in zip(texts, data):
+        # bit-identical to what the provider computed for *this* text
+        assert vec(d).tobytes() == fake_openai.expected("text-embedding-3-small", text).tobytes()
+    assert r.headers["x-cache-misses"] == "3" and r.headers["x-cache-hits"] == "0"
+    assert r.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_a_repeat_sends_nothing_and_reports_zero_usage(server, fake_openai):
+    body = {"input": ["one", "two"], "encoding_format": "float"}
+    first = server.embed(body).json()
+    second = server.embed(body)
+    assert fake_openai.calls == 1
+    assert second.headers["x-cache-hits"] == "2" and second.headers["x-cache-misses"] == "0"
+    assert second.json()["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    assert second.json()["data"] == first["data"]
+
+
+def test_partial_hit_sends_only_the_misses_and_keeps_order(server, fake_openai):
+    server.embed({"input": ["b", "d"]})
+    r = server.embed({"input": ["a", "b", "c", "d", "e"], "encoding_format": "base64"})
+    assert fake_openai.calls == 2
+    assert fake_openai.requests[1]["body"]["input"] == ["a", "c", "e"]
+    assert r.headers["x-cache-hits"] == "2" and r.headers["x-cache-misses"] == "3"
+    for text, d in zip("abcde", r.json()["data"]):
+        assert vec(d).tobytes() == fake_openai.expected("text-embedding-3-small", text).tobytes()
+
+
+def test_float_and_base64_callers_share_entries_and_agree_exactly(server, fake_openai):
+    f = server.embed({"input": "shared", "encoding_format": "float"}).json()["data"][0]
+    b = server.embed({"input": "shared", "encoding_format": "base64"}).json()["data"][0]
+    assert fake_openai.calls == 1
+    assert vec(f).tobytes() == vec(b).tobytes() == fake_openai.expected("text-embedding-3-small", "shared").tobytes()
+
+
+def sig_digits(number: str) -> int:
+    mantissa = number.lstrip("-").lower().split("e")[0].replace(".", "")
+    return len(mantissa.lstrip("0").rstrip("0")) or 1
+
+
+def test_float_answer_uses_shortest_float32_digits(server, fake_openai):
+    text = server.embed({"input": "digits", "encoding_format": "float"}).text
+    numbers = text.split('"embedding":[')[1].split("]")[0].split(",")
+    expected = fake_openai.expected("text-embedding-3-small", "digits")
+    assert np.array([float(n) for n in numbers], dtype=np.float32).tobytes() == expected.tobytes()
+    # as short as numpy's shortest float32 form, never 17-digit float64 noise
+    assert [sig_digits(n) for n in numbers] == [sig_digits(str(x)) for x in expected]
+
+
+def test_keys_differ_across_model_and_dimensions(server, fake_openai):
+    server.embed({"input": "same text", "model": "text-embedding-3-small"})
+    server.embed({"input": "same text", "model": "text-embedding-3-large"})
+    r256 = server.embed({"input": "same text", "model": "text-embedding-3-small", "dimensions": 256})
+    server.embed({"input": "same text", "model": "text-embedding-ada-002"})
+    assert fake_openai.calls == 4
+    assert len(vec(r256.json()["data"][0])) == 256
+    assert fake_openai.requests[2]["body"]["dimensions"] == 256
+    # asking for the native size is the same vector: served from the cache
+    native = server.embed({"input": "same text", "model": "text-embedding-3-small", "dimensions": 1536})
+    assert fake_openai.calls == 4 and native.headers["x-cache-hits"] == "1"
+
+
+def test_token_id_inputs_are_forwarded_and_cached_apart_from_text(server, fake_openai):
+    r = server.embed({"input": [[1, 2, 3], [4, 5]], "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    assert fake_openai.requests[0]["body"]["input"] == [[1, 2, 3], [4, 5]]
+    one = server.embed({"input": [1, 2, 3], "encoding_format": "base64"})
+    assert one.headers["x-cache-hits"] == "1" and fake_openai.calls == 1
+    assert vec(one.json()["data"][0]).tobytes() == fake_openai.expected("text-embedding-3-small", [1, 2, 3]).tobytes()
+
+
+def test_cache_survives_a_restart(monkeypatch, fake_openai, tmp_path, serve):
+    openai_env(monkeypatch, fake_openai.url, tmp_path)
+    serve().embed({"input": ["persist me"]})
+    from lib import app
+
+    app.reset()  # a new process: new memory tier, same SQLite file
+    r = serve().embed({"input": ["persist me"]})
+    assert r.headers["x-cache-hits"] == "1" and fake_openai.calls == 1
+
+
+def test_broken_cache_still_serves_from_the_provider(monkeypatch, fake_openai, tmp_path, serve, caplog):
+    openai_env(monkeypatch, fake_openai.url, tmp_path, EMBEDDINGS_MEMORY_CACHE_MB="1")
+    server = serve()
+    assert server.embed({"input": "warm"}).status_code == 200
+    (tmp_path / "cache.sqlite3").write_bytes(b"this is not a database" * 1000)
+    for name in ("cache.sqlite3-wal", "cache.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    from lib import app
+
+    app.reset()
+    r = server.embed({"input": ["fresh", "warm"], "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    assert r.headers.get("x-cache-error") == "sqlite"
+    assert vec(r.json()["data"][0]).tobytes() == fake_openai.expected("text-embedding-3-small", "fresh").tobytes()
+    assert any("cache sqlite" in m for m in caplog.messages)
+
+
+def test_a_row_of_the_wrong_length_is_ignored_and_replaced(monkeypatch, fake_openai, tmp_path, serve):
+    import sqlite3
+
+    from lib.keys import cache_key
+
+    openai_env(monkeypatch, fake_openai.url, tmp_path)
+    server = serve()
+    server.embed({"input": "victim"})
+    key = cache_key("text-embedding-3-small", None, "victim")
+    with sqlite3.connect(tmp_path / "cache.sqlite3") as db:
+        db.execute("UPDATE embedding_cache SET vector = ?, dimensions = 3 WHERE key = ?",
+                   (np.ones(3, dtype="<f4").tobytes(), key))
+    from lib import app
+
+    app.reset()
+    r = server.embed({"input": "victim", "encoding_format": "base64"})
+    assert r.headers["x-cache-misses"] == "1" and fake_openai.calls == 2
+    assert vec(r.json()["data"][0]).tobytes() == fake_openai.expected("text-embedding-3-small", "victim").tobytes()
+    with sqlite3.connect(tmp_path / "cache.sqlite3") as db:
+        (length,) = db.execute("SELECT length(vector) FROM embedding_cache WHERE key = ?", (key,)).fetchone()
+    assert length == 4 * 1536

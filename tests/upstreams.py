@@ -1,0 +1,138 @@
+"""Loopback stand-ins for the remote providers, speaking their real wire formats.
+
+Each server runs on 127.0.0.1 in a thread, records every request, and answers with
+deterministic float32 vectors derived from the text (so a wrong or mixed-up vector
+is detectable), unless a test scripts other answers first (`script`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+
+def vector_for(model: str, item: Any, dims: int) -> np.ndarray:
+    """The vector our fake provider assigns to an input: unit-length float32, seeded by the input."""
+    seed = hashlib.sha256(json.dumps([model, item]).encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(seed[:8], "little"))
+    v = rng.standard_normal(dims).astype(np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+@dataclass
+class Scripted:
+    """One scripted answer: status, JSON body (or raw bytes), headers, and an optional delay."""
+
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    raw: bytes | None = None
+
+
+class Upstream:
+    """Common plumbing: a threaded loopback server with a request log and a script."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.script: list[Scripted] = []
+        self.lock = threading.Lock()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = json.loads(self.rfile.read(length) or b"null")
+                with upstream.lock:
+                    upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                              "at": time.monotonic()})
+                    scripted = upstream.script.pop(0) if upstream.script else None
+                if scripted is None:
+                    status, payload, headers, raw = 200, upstream.answer(self.path, body), {}, None
+                else:
+                    if scripted.delay:
+                        time.sleep(scripted.delay)
+                    status, payload, headers, raw = scripted.status, scripted.body, scripted.headers, scripted.raw
+                data = raw if raw is not None else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, path: str, body: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def sent_inputs(self) -> list[Any]:
+        """Every input sent upstream, across all calls, in order."""
+        out: list[Any] = []
+        for r in self.requests:
+            inp = r["body"].get("input", r["body"].get("inputs"))
+            out.extend(inp if isinstance(inp, list) and inp and not isinstance(inp[0], int) else [inp])
+        return out
+
+
+NATIVE = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536}
+
+
+class FakeOpenAI(Upstream):
+    """`POST /embeddings` as OpenAI answers it (base64 or float, usage counted)."""
+
+    def answer(self, path: str, body: Any) -> Any:
+        model = body["model"]
+        dims = body.get("dimensions") or NATIVE[model]
+        inputs = body["input"]
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        data = []
+        for i, item in enumerate(inputs):
+            v = vector_for(model, item, NATIVE[model])[:dims]
+            if body.get("dimensions"):
+                v = (v / np.linalg.norm(v)).astype(np.float32)
+            emb = base64.b64encode(v.tobytes()).decode() if body.get("encoding_format") == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in inputs)
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def expected(self, model: str, item: Any, dimensions: int | None = None) -> np.ndarray:
+        v = vector_for(model, item, NATIVE[model])
+        if dimensions:
+            v = v[:dimensions]
+            v = (v / np.linalg.norm(v)).astype(np.float32)
+        return v
