@@ -1,0 +1,40 @@
+# Two commands matter (see README): `make dev` and `make test`. Each installs what it needs first.
+
+PYTHON ?= python3.11
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+VENV := .venv
+VENV312 := .venv312
+PORT ?= 3000
+
+.PHONY: dev test bench clean
+
+# The dev/test environment (Python 3.11): production requirements plus the local model and test tools.
+$(VENV)/.installed: requirements.prod.txt requirements.dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.dev.txt
+	touch $@
+
+# What Vercel runs: Python 3.12, production requirements only, plus Vercel's Python bridge for the tests.
+$(VENV312)/.installed: requirements.prod.txt
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 is needed for Vercel's bridge (pyenv install 3.12)"; exit 1; }
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt vercel-runtime==0.24.1
+	touch $@
+
+# PostgreSQL 15 for the Supabase tests (the suite starts and stops its own throwaway cluster).
+.PHONY: .postgres-ok
+.postgres-ok:
+	@test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; }
+	@test -x /usr/lib/postgresql/15/bin/initdb
+
+dev: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 PORT=$(PORT) $(VENV)/bin/python -m lib.devserver
+
+test: $(VENV)/.installed $(VENV312)/.installed .postgres-ok
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed .postgres-ok
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m bench
+
+clean:
+	rm -rf $(VENV) $(VENV312) .cache
