@@ -109,3 +109,39 @@ def start_devserver(env: dict[str, str], port: int | None = None) -> tuple[subpr
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("dev server did not start")
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """One throwaway PostgreSQL 15 cluster for the session, with Supabase's roles and our migrations."""
+    from tests.pg import Cluster
+
+    cluster = Cluster()
+    cluster.migrate()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def rest(pg):
+    """A loopback PostgREST stand-in over the real database, with an empty cache table."""
+    from tests.fake_postgrest import FakePostgREST
+
+    pg.psql("-c", "truncate public.embedding_cache")
+    server = FakePostgREST(pg.dsn_as("authenticator"))
+    yield server
+    server.close()
+
+
+SERVICE_KEY = "sb_secret_test_only_not_a_real_key_0000"
+
+
+def supabase_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, rest_url: str, **extra: str) -> None:
+    monkeypatch.setenv("EMBEDDINGS_PROVIDER", "openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream_url)
+    monkeypatch.setenv("SUPABASE_URL", rest_url)
+    monkeypatch.setenv("SUPABASE_SECRET_KEY", SERVICE_KEY)
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+    app_module.reset()
