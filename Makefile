@@ -1,7 +1,8 @@
 # Two commands matter (see README): `make dev` and `make test`. Each installs what it needs first.
 
 PYTHON ?= python3.11
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# pyenv's shim for python3.12 exists but fails unless 3.12 is selected: prefer the interpreter itself.
+PYTHON312 ?= $(shell ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1 | grep . || command -v python3.12)
 VENV := .venv
 VENV312 := .venv312
 PORT ?= 3000
