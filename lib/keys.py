@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 SCHEME = "embcache"
 VERSION = 1
 
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), sort_keys=True, allow_nan=False).encode
+_quote = json.encoder.encode_basestring_ascii  # the C function `_encode` itself uses for strings
 
 
 def cache_key(
@@ -38,6 +39,23 @@ def cache_key(
     item: str | Sequence[int],
     options: Mapping[str, object] | None = None,
 ) -> str:
-    kind = "text" if isinstance(item, str) else "tokens"
-    payload = [SCHEME, VERSION, model, dimensions, kind, item if kind == "text" else list(item), dict(options or {})]
-    return hashlib.sha256(_encode(payload).encode("ascii")).hexdigest()
+    return key_function(model, dimensions, options)(item)
+
+
+def key_function(
+    model: str, dimensions: int | None, options: Mapping[str, object] | None = None
+) -> Callable[[str | Sequence[int]], str]:
+    """The key of each input of one request. Byte for byte the documented JSON, with the parts shared
+    by every input encoded once (a request may carry 2048 inputs, and this runs on every cache hit)."""
+    head = f'["{SCHEME}",{VERSION},{_encode(model)},{_encode(dimensions)},'
+    tail = "," + _encode(dict(options or {})) + "]"
+    sha256 = hashlib.sha256
+
+    def key(item: str | Sequence[int]) -> str:
+        if isinstance(item, str):
+            payload = head + '"text",' + _quote(item) + tail
+        else:
+            payload = head + '"tokens",[' + ",".join(map(str, map(int, item))) + "]" + tail
+        return sha256(payload.encode("ascii")).hexdigest()
+
+    return key

@@ -93,3 +93,10 @@ def test_validity_rejects_wrong_length_and_non_finite():
     assert not is_valid(good, 3) and not is_valid(good[:-1], 4) and not is_valid(b"", 0)
     for bad in (np.nan, np.inf, -np.inf):
         assert not is_valid(np.array([1, bad, 1, 1], dtype="<f4").tobytes(), 4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32), min_size=1, max_size=40))
+def test_finite_check_agrees_with_numpy(values):
+    blob = np.array(values, dtype="<f4").tobytes()
+    assert is_valid(blob, len(values)) == bool(np.isfinite(np.frombuffer(blob, dtype="<f4")).all())

@@ -23,6 +23,9 @@ class Entry:
 
 class Cache(Protocol):
     name: str
+    # True when the tier only ever holds vectors this process validated (the memory LRU): its
+    # hits are not checked again. Anything stored outside the process is checked on every read.
+    trusted: bool
 
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
         """The vectors found for `keys` (absent keys are simply missing). One round trip."""
@@ -41,6 +44,7 @@ class NoCache:
     """`EMBEDDINGS_CACHE=none`: every input is a miss."""
 
     name = "none"
+    trusted = True
 
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
         return {}

@@ -17,6 +17,7 @@ _OVERHEAD = 120  # rough bytes per entry beyond the vector: key string, dict slo
 
 class MemoryCache:
     name = "memory"
+    trusted = True
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes

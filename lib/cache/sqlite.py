@@ -37,6 +37,7 @@ _CHUNK = 500  # stay well below SQLite's bound-parameter limit
 
 class SQLiteCache:
     name = "sqlite"
+    trusted = False
 
     def __init__(self, path: str) -> None:
         self.path = path

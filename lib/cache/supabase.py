@@ -30,6 +30,7 @@ class SupabaseError(Exception):
 
 class SupabaseCache:
     name = "supabase"
+    trusted = False
 
     def __init__(self, url: str, key: str, *, timeout_s: float = 3.0, attempts: int = 2,
                  http_client: Any = None) -> None:
