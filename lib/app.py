@@ -53,16 +53,17 @@ def make_provider(s: config.Settings) -> Provider:
 def make_tiers(s: config.Settings) -> list[Cache]:
     if s.cache == "none":
         return [NoCache()]
-    memory = MemoryCache(s.memory_cache_bytes)
+    # EMBEDDINGS_MEMORY_CACHE_MB=0 leaves the per-process tier out (benchmarks of the backends alone).
+    front: list[Cache] = [MemoryCache(s.memory_cache_bytes)] if s.memory_cache_bytes else []
     if s.cache == "memory":
-        return [memory]
+        return front or [NoCache()]
     if s.cache == "sqlite":
         from .cache.sqlite import SQLiteCache
 
-        return [memory, SQLiteCache(s.sqlite_path)]
+        return [*front, SQLiteCache(s.sqlite_path)]
     from .cache.supabase import SupabaseCache
 
-    return [memory, SupabaseCache(s.supabase_url, s.supabase_key, timeout_s=s.supabase_timeout_s)]
+    return [*front, SupabaseCache(s.supabase_url, s.supabase_key, timeout_s=s.supabase_timeout_s)]
 
 
 _app: App | None = None

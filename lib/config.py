@@ -129,7 +129,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         model=env.get("EMBEDDINGS_MODEL", "").strip(),
         cache=cache,
         sqlite_path=env.get("EMBEDDINGS_SQLITE_PATH", "").strip() or Settings.sqlite_path,
-        memory_cache_bytes=_int(env, "EMBEDDINGS_MEMORY_CACHE_MB", 64) * 1024 * 1024,
+        memory_cache_bytes=_int(env, "EMBEDDINGS_MEMORY_CACHE_MB", 64, low=0) * 1024 * 1024,
         openai_api_key=openai_key,
         openai_base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
         hf_token=hf_token,

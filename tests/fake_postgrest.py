@@ -21,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import queue
 import threading
 from collections import Counter
@@ -77,6 +78,11 @@ class FakePostgREST:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # as real servers do: answers are two writes (head, body), which Nagle would hold back
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -209,3 +215,13 @@ def _error(exc: psycopg.Error) -> dict[str, Any]:
     diag = exc.diag
     return {"code": diag.sqlstate or "PGRST000", "message": diag.message_primary or str(exc),
             "details": diag.message_detail, "hint": diag.message_hint}
+
+
+if __name__ == "__main__":  # `python -m tests.fake_postgrest DSN`: serve until killed (benchmarks)
+    import sys
+    import time
+
+    server = FakePostgREST(sys.argv[1], pool_size=16)
+    print(server.url, flush=True)
+    while True:
+        time.sleep(3600)

