@@ -183,6 +183,17 @@ class HealthEndpoint(Endpoint):
         return rq.health(get_app())
 
 
+class OpenAPIEndpoint(Endpoint):
+    method = "GET"
+    needs_auth = False
+    has_body = False
+
+    def answer(self, body: bytes) -> rq.Response:
+        from .openapi import PATH
+
+        return rq.Response(200, PATH.read_bytes())
+
+
 class NotFoundEndpoint(Endpoint):
     """What the dev server answers for a path no route matches."""
 

@@ -43,6 +43,32 @@ as $$
      where c.key = any(keys);
 $$;
 
+-- The same, packed for speed: one bytea of (32-byte key, 4-byte big-endian length, vector) per row
+-- found, returned as raw bytes when PostgREST is asked for `Accept: application/octet-stream` (the
+-- return type is PostgREST's media-type domain for it). No base64, no JSON: reading 256 cached
+-- 1536-dim vectors costs the database a few milliseconds instead of about thirty.
+do $$ begin
+    create domain public."application/octet-stream" as bytea;
+exception when duplicate_object then null;
+end $$;
+
+create or replace function public.embedding_cache_get_packed(keys text[])
+returns public."application/octet-stream"
+language sql
+volatile
+security invoker
+set search_path = ''
+as $$
+    update public.embedding_cache c
+       set last_used_at = now()
+     where c.key = any(keys)
+       and c.last_used_at < now() - interval '1 day';
+    select coalesce(string_agg(decode(c.key, 'hex') || int4send(octet_length(c.vector)) || c.vector, ''::bytea),
+                    ''::bytea)::public."application/octet-stream"
+      from public.embedding_cache c
+     where c.key = any(keys);
+$$;
+
 -- Put many rows in one round trip: [{key, model, dimensions, vector (base64)}, ...].
 -- Existing keys are left alone (first writer wins), except a row whose vector has a different
 -- length than the new one (written by a bug or an older version): it is replaced.
@@ -114,8 +140,10 @@ end;
 $$;
 
 revoke all on function public.embedding_cache_get(text[]) from public, anon, authenticated;
+revoke all on function public.embedding_cache_get_packed(text[]) from public, anon, authenticated;
 revoke all on function public.embedding_cache_put(jsonb) from public, anon, authenticated;
 revoke all on function public.embedding_cache_prune(timestamptz, bigint) from public, anon, authenticated;
 grant execute on function public.embedding_cache_get(text[]) to service_role;
+grant execute on function public.embedding_cache_get_packed(text[]) to service_role;
 grant execute on function public.embedding_cache_put(jsonb) to service_role;
 grant execute on function public.embedding_cache_prune(timestamptz, bigint) to service_role;

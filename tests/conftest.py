@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -22,6 +23,40 @@ from tests.upstreams import FakeOpenAI  # noqa: E402
 
 # Never let a developer's real keys or settings leak into a test run.
 _OURS = ("EMBEDDINGS_", "OPENAI_", "HF_", "SUPABASE_", "VERCEL")
+
+
+# Every secret the tests configure (provider keys, the Supabase key, callers' API keys) contains this
+# sentinel. Every answer our servers give and every log line they write is checked for it.
+SENTINEL = "SENTINEL"
+
+
+def assert_no_sentinel(text: str, where: str) -> None:
+    assert SENTINEL not in text, f"a secret leaked into {where}: ...{text[max(0, text.find(SENTINEL) - 80):][:200]}"
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.lines.append(text)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs() -> Iterator[None]:
+    capture = _Capture()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(capture)
+    root.setLevel(old_level)
+    assert_no_sentinel("\n".join(capture.lines), "a log line")
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +87,12 @@ class Running:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = httpx.Client(base_url=url, timeout=60)
+        self.client = httpx.Client(base_url=url, timeout=60, event_hooks={"response": [self._check]})
+
+    @staticmethod
+    def _check(response: httpx.Response) -> None:
+        response.read()
+        assert_no_sentinel(response.text + repr(dict(response.headers)), f"an answer to {response.request.url}")
 
     def embed(self, payload: object, **headers: str) -> httpx.Response:
         return self.client.post("/v1/embeddings", json=payload, headers=headers)
@@ -61,7 +101,7 @@ class Running:
 def openai_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, tmp_path: Path, cache: str = "sqlite",
                **extra: str) -> None:
     monkeypatch.setenv("EMBEDDINGS_PROVIDER", "openai")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SENTINEL-not-a-real-key")
     monkeypatch.setenv("OPENAI_BASE_URL", upstream_url)
     monkeypatch.setenv("EMBEDDINGS_CACHE", cache)
     monkeypatch.setenv("EMBEDDINGS_SQLITE_PATH", str(tmp_path / "cache.sqlite3"))
@@ -87,6 +127,14 @@ def serve() -> Iterator[callable]:
     for s in servers:
         s.shutdown()
         s.server_close()
+
+
+def stop_devserver(proc: subprocess.Popen) -> str:
+    """Stop a dev server started by `start_devserver`; returns its output, checked for secrets."""
+    proc.terminate()
+    out, _ = proc.communicate(timeout=15)
+    assert_no_sentinel(out, "the dev server's output")
+    return out
 
 
 def start_devserver(env: dict[str, str], port: int | None = None) -> tuple[subprocess.Popen, str]:
@@ -133,12 +181,13 @@ def rest(pg):
     server.close()
 
 
-SERVICE_KEY = "sb_secret_test_only_not_a_real_key_0000"
+SERVICE_KEY = "sb_secret_SENTINEL_test_only_0000"
+assert SENTINEL in SERVICE_KEY
 
 
 def supabase_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, rest_url: str, **extra: str) -> None:
     monkeypatch.setenv("EMBEDDINGS_PROVIDER", "openai")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SENTINEL-not-a-real-key")
     monkeypatch.setenv("OPENAI_BASE_URL", upstream_url)
     monkeypatch.setenv("SUPABASE_URL", rest_url)
     monkeypatch.setenv("SUPABASE_SECRET_KEY", SERVICE_KEY)
@@ -158,7 +207,7 @@ def fake_hf() -> Iterator["FakeHuggingFace"]:
 
 def hf_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, tmp_path: Path, **extra: str) -> None:
     monkeypatch.setenv("EMBEDDINGS_PROVIDER", "huggingface")
-    monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_real_token")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_SENTINEL_not_a_real_token")
     monkeypatch.setenv("HF_INFERENCE_URL", upstream_url)
     monkeypatch.setenv("EMBEDDINGS_CACHE", "sqlite")
     monkeypatch.setenv("EMBEDDINGS_SQLITE_PATH", str(tmp_path / "cache.sqlite3"))

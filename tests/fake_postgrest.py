@@ -7,6 +7,8 @@ What it does, as PostgREST does:
   keys and anon for `sb_publishable_...` keys;
 - runs the call in a transaction as `authenticator` after `SET LOCAL ROLE <role>`;
 - answers a set-returning function with a JSON array of row objects, any other with its value;
+- with `Accept: application/octet-stream`, answers a function returning bytea (or PostgREST's
+  media-type domain `"application/octet-stream"` over it) with the raw bytes, and any other with 406;
 - maps errors to PostgREST's JSON (`code`, `message`, `details`, `hint`) and statuses
   (42501 -> 401 for anon, 403 otherwise; unknown function -> 404 PGRST202; bad JWT -> 401 PGRST301).
 
@@ -72,7 +74,7 @@ class FakePostgREST:
         self.headers_seen: list[dict[str, str]] = []
         self._pool: queue.Queue[psycopg.Connection] = queue.Queue()
         self._pool_size = pool_size
-        self._meta: dict[str, tuple[bool, list[str], list[str]]] = {}
+        self._meta: dict[str, tuple[bool, list[str], list[str], bool]] = {}
         self._lock = threading.Lock()
         rest = self
 
@@ -106,9 +108,11 @@ class FakePostgREST:
                 self.reply(status, body)
 
             def reply(self, status: int, body: Any) -> None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                binary = isinstance(body, memoryview)
+                data = bytes(body) if binary else body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("content-type", "application/json; charset=utf-8")
+                self.send_header("content-type", "application/octet-stream" if binary
+                                 else "application/json; charset=utf-8")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -142,20 +146,22 @@ class FakePostgREST:
         else:
             self._pool.put(conn)
 
-    def _signature(self, conn: psycopg.Connection, fn: str) -> tuple[bool, list[str], list[str]] | None:
+    def _signature(self, conn: psycopg.Connection, fn: str) -> tuple[bool, list[str], list[str], bool] | None:
         with self._lock:
             if fn in self._meta:
                 return self._meta[fn]
         row = conn.execute(
             """select p.proretset, coalesce(p.proargnames, '{}'),
-                      array(select format_type(t, null) from unnest(p.proargtypes::oid[]) t)
+                      array(select format_type(t, null) from unnest(p.proargtypes::oid[]) t),
+                      coalesce(nullif(t.typbasetype, 0), t.oid) = 'bytea'::regtype
                  from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                 join pg_type t on t.oid = p.prorettype
                 where n.nspname = 'public' and p.proname = %s""", (fn,)).fetchone()
         conn.rollback()
         if row is None:
             return None
         with self._lock:
-            self._meta[fn] = (row[0], list(row[1]), list(row[2]))
+            self._meta[fn] = (row[0], list(row[1]), list(row[2]), row[3])
         return self._meta[fn]
 
     # -- one call ----------------------------------------------------------------------------
@@ -186,7 +192,11 @@ class FakePostgREST:
             if sig is None:
                 return 404, {"code": "PGRST202", "message": f"Could not find the function public.{fn}",
                              "details": None, "hint": None}
-            retset, names, types = sig
+            retset, names, types, returns_bytea = sig
+            binary = "application/octet-stream" in headers.get("accept", "")
+            if binary and (retset or not returns_bytea):
+                return 406, {"code": "PGRST107", "message": "None of these media types are available: "
+                             "application/octet-stream", "details": None, "hint": None}
             parts, values = [], []
             for name, typ in zip(names, types):
                 if name in args:
@@ -194,12 +204,18 @@ class FakePostgREST:
                     values.append(Jsonb(value) if typ in ("jsonb", "json") else value)
                     parts.append(f"{name} => %s::{typ}")
             call = f"public.{fn}({', '.join(parts)})"
-            sql = (f"select coalesce(json_agg(r), '[]'::json)::text from {call} r" if retset
-                   else f"select to_json({call})::text")
+            if binary:
+                sql = f"select {call}::bytea"
+            elif retset:
+                sql = f"select coalesce(json_agg(r), '[]'::json)::text from {call} r"
+            else:
+                sql = f"select to_json({call})::text"
             with conn.transaction():
                 conn.execute(f"set local role {role}")
-                (text,) = conn.execute(sql, values).fetchone()
-            return 200, text.encode()
+                (result,) = conn.execute(sql, values, binary=binary).fetchone()
+            if binary:
+                return 200, memoryview(result or b"")
+            return 200, result.encode()
         except psycopg.errors.InsufficientPrivilege as exc:
             return (401 if role == "anon" else 403), _error(exc)
         except psycopg.OperationalError as exc:

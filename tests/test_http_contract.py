@@ -121,12 +121,12 @@ def test_both_paths_serve_and_health_tells_no_secret(server):
 
 @pytest.fixture
 def keyed(monkeypatch, fake_openai, tmp_path, serve):
-    openai_env(monkeypatch, fake_openai.url, tmp_path, EMBEDDINGS_API_KEYS="key-one, key-two")
+    openai_env(monkeypatch, fake_openai.url, tmp_path, EMBEDDINGS_API_KEYS="key-SENTINEL-one, key-SENTINEL-two")
     return serve()
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer ", "Bearer wrong", "Bearer KEY-ONE", "Bearer key-one ",
-                                    "Bearer  key-one", "Basic key-one", "key-one", "Bearer key-on", "Bearer key-one2"])
+@pytest.mark.parametrize("header", [None, "", "Bearer ", "Bearer wrong", "Bearer KEY-SENTINEL-ONE", "Bearer key-SENTINEL-one ",
+                                    "Bearer  key-SENTINEL-one", "Basic key-SENTINEL-one", "key-SENTINEL-one", "Bearer key-SENTINEL-on", "Bearer key-SENTINEL-one2"])
 def test_wrong_keys_are_refused(keyed, fake_openai, header):
     host, port = keyed.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)  # httpx would refuse to send some of these
@@ -138,12 +138,12 @@ def test_wrong_keys_are_refused(keyed, fake_openai, header):
     r = conn.getresponse()
     assert r.status == 401
     err = json.loads(r.read())["error"]
-    assert err["code"] == "invalid_api_key" and "key-one" not in err["message"]
+    assert err["code"] == "invalid_api_key" and "key-SENTINEL-one" not in err["message"]
     assert fake_openai.calls == 0
 
 
 def test_right_keys_are_accepted(keyed):
-    for key in ("key-one", "key-two"):
+    for key in ("key-SENTINEL-one", "key-SENTINEL-two"):
         r = keyed.client.post("/v1/embeddings", json={"input": "x"}, headers={"authorization": f"Bearer {key}"})
         assert r.status_code == 200, r.text
 

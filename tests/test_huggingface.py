@@ -33,7 +33,7 @@ def test_answer_shapes_and_wire_format(monkeypatch, tmp_path, serve, shape):
             assert r.status_code == 200, r.text
         req = up.requests[0]
         assert req["path"] == f"/models/{MINILM}/pipeline/feature-extraction"
-        assert req["headers"]["Authorization"] == "Bearer hf_test_not_a_real_token"
+        assert req["headers"]["Authorization"] == "Bearer hf_test_SENTINEL_not_a_real_token"
         assert req["body"] == {"inputs": [TEXTS[0]], "normalize": True}
         assert up.requests[1]["body"]["inputs"] == TEXTS[1:]  # the first was cached
         got = vecs(r)

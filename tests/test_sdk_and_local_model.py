@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
-from tests.conftest import start_devserver
+from tests.conftest import start_devserver, stop_devserver
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,7 @@ def local_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache") / "dev.sqlite3"
     proc, url = start_devserver({"EMBEDDINGS_SQLITE_PATH": str(path), "HF_HUB_OFFLINE": "1"})
     yield url
-    proc.terminate()
-    out, _ = proc.communicate(timeout=10)
+    out = stop_devserver(proc)
     # the dev server announces itself and logs one line per request
     assert url in out and "curl" in out
     assert "POST /v1/embeddings 200 inputs=3" in out
@@ -65,12 +64,12 @@ def test_sdk_sees_errors_in_openai_shape(local_server):
 
 
 def test_sdk_against_openai_provider_is_bit_identical(fake_openai, tmp_path):
-    env = {"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test-not-a-real-key",
+    env = {"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test-SENTINEL-not-a-real-key",
            "OPENAI_BASE_URL": fake_openai.url, "EMBEDDINGS_SQLITE_PATH": str(tmp_path / "c.sqlite3"),
-           "EMBEDDINGS_API_KEYS": "caller-key"}
+           "EMBEDDINGS_API_KEYS": "caller-SENTINEL-key"}
     proc, url = start_devserver(env)
     try:
-        client = OpenAI(base_url=url + "/v1", api_key="caller-key", max_retries=0)
+        client = OpenAI(base_url=url + "/v1", api_key="caller-SENTINEL-key", max_retries=0)
         texts = ["alpha", "beta", "alpha"]
         got = client.embeddings.create(input=texts, model="text-embedding-3-small")  # SDK default: base64
         for t, d in zip(texts, got.data):
@@ -87,5 +86,4 @@ def test_sdk_against_openai_provider_is_bit_identical(fake_openai, tmp_path):
                                                                                           model="text-embedding-3-small")
         assert fake_openai.calls == 1
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_devserver(proc)

@@ -42,7 +42,7 @@ def test_functions_have_a_fixed_search_path(pg):
     out = pg.psql("-At", "-c", "select proname, proconfig from pg_proc where proname like 'embedding_cache_%' "
                                "order by proname")
     lines = out.strip().splitlines()
-    assert len(lines) == 3 and all("search_path=" in line for line in lines)
+    assert len(lines) == 4 and all("search_path=" in line for line in lines)
 
 
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
@@ -54,6 +54,7 @@ def test_anon_and_authenticated_are_denied_table_and_functions(pg, rest, role):
         "'\\x00000000')",
         "delete from public.embedding_cache",
         "select * from public.embedding_cache_get(array[repeat('a', 64)])",
+        "select public.embedding_cache_get_packed(array[repeat('a', 64)])",
         "select public.embedding_cache_put('[]'::jsonb)",
         "select public.embedding_cache_prune(now(), 0)",
     ]
@@ -108,6 +109,31 @@ def test_base64_from_postgres_has_no_line_breaks(rest):
     cache = SupabaseCache(rest.url, SERVICE_KEY)
     assert cache.put_many([big]) == 1
     assert cache.get_many([big.key])[big.key] == big.vector
+
+
+def test_packed_and_json_reads_agree(rest):
+    cache = SupabaseCache(rest.url, SERVICE_KEY)
+    entries = [entry(i, dims=1536) for i in range(5)]
+    cache.put_many(entries)
+    keys = [e.key for e in entries] + ["0" * 64]
+    packed = cache.get_many(keys)
+    assert rest.calls["embedding_cache_get_packed"] == 1 and cache._packed
+    cache._packed = False
+    assert cache.get_many(keys) == packed == {e.key: e.vector for e in entries}
+    assert SupabaseCache(rest.url, SERVICE_KEY).get_many(["f" * 64]) == {}
+
+
+def test_falls_back_to_json_when_binary_reads_are_unavailable(pg, rest):
+    """An older migration (or a PostgREST without binary output): the JSON function still serves."""
+    cache = SupabaseCache(rest.url, SERVICE_KEY)
+    cache.put_many([entry(1)])
+    pg.psql("-c", "drop function public.embedding_cache_get_packed(text[])")
+    try:
+        assert cache.get_many([entry(1).key]) == {entry(1).key: entry(1).vector}
+        assert cache.get_many([entry(1).key]) == {entry(1).key: entry(1).vector}
+        assert rest.calls["embedding_cache_get_packed"] == 1 and rest.calls["embedding_cache_get"] == 2
+    finally:
+        pg.migrate()
 
 
 def test_put_counts_new_rows_and_never_overwrites_a_good_row(pg, rest):
@@ -171,7 +197,7 @@ def test_partial_hits_are_one_get_and_one_put(server, rest, fake_openai):
     r = server.embed({"input": ["a", "x", "b", "y", "x"], "encoding_format": "base64"})
     assert r.status_code == 200
     assert r.headers["x-cache-hits"] == "2" and r.headers["x-cache-misses"] == "2"
-    assert rest.calls == {"embedding_cache_get": 1, "embedding_cache_put": 1}
+    assert rest.calls == {"embedding_cache_get_packed": 1, "embedding_cache_put": 1}
     assert fake_openai.requests[-1]["body"]["input"] == ["x", "y"]
     for text, d in zip(["a", "x", "b", "y", "x"], r.json()["data"]):
         assert vec(d) == fake_openai.expected("text-embedding-3-small", text).tobytes()
@@ -231,7 +257,7 @@ def test_no_key_in_any_log_line(server, rest, pg, caplog):
         pg.start()
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "cache supabase" in text
-    for secret in (SERVICE_KEY, "sk-test-not-a-real-key"):
+    for secret in (SERVICE_KEY, "sk-test-SENTINEL-not-a-real-key"):
         assert secret not in text
 
 

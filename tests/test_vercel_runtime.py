@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_no_sentinel
 
 VENV312 = Path(os.environ.get("VENV312", ROOT / ".venv312"))
 
@@ -49,6 +49,7 @@ class Bridge:
             line = self.proc.stdout.readline()
             assert line, "bridge died: " + (self.proc.stderr.read() if self.proc.stderr else "")
             if line.startswith("@@result "):
+                assert_no_sentinel(line, "an answer through Vercel's bridge")
                 return json.loads(line.removeprefix("@@result "))
             self.logs.append(line)
 
@@ -57,7 +58,9 @@ class Bridge:
         self.proc.stdin.close()
         self.proc.wait(15)
         rest = (self.proc.stdout.read() if self.proc.stdout else "") + (self.proc.stderr.read() if self.proc.stderr else "")
-        return "".join(self.logs) + rest
+        logs = "".join(self.logs) + rest
+        assert_no_sentinel(logs, "the function's logs under Vercel's bridge")
+        return logs
 
 
 def header(result: dict, name: str) -> str | None:
@@ -69,16 +72,16 @@ def header(result: dict, name: str) -> str | None:
 
 @pytest.fixture
 def env(fake_openai, tmp_path):
-    return {"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test-not-a-real-key",
+    return {"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test-SENTINEL-not-a-real-key",
             "OPENAI_BASE_URL": fake_openai.url, "EMBEDDINGS_CACHE": "sqlite",
             "EMBEDDINGS_SQLITE_PATH": str(tmp_path / "vc.sqlite3"), "VERCEL": "1",
-            "EMBEDDINGS_API_KEYS": "caller-key"}
+            "EMBEDDINGS_API_KEYS": "caller-SENTINEL-key"}
 
 
 def test_embeddings_function_under_the_vercel_bridge(env, fake_openai):
     bridge = Bridge("api/embeddings.py", env)
     try:
-        auth = {"authorization": "Bearer caller-key"}
+        auth = {"authorization": "Bearer caller-SENTINEL-key"}
         r = bridge.call("POST", "/v1/embeddings", {"input": ["x", "y", "x"]}, auth)  # the rewritten path
         assert r["statusCode"] == 200, r
         body = json.loads(r["body"])
@@ -98,7 +101,7 @@ def test_embeddings_function_under_the_vercel_bridge(env, fake_openai):
             assert set(json.loads(res["body"])["error"]) == {"message", "type", "param", "code"}
     finally:
         logs = bridge.close()
-    assert "sk-test-not-a-real-key" not in logs and "caller-key" not in logs
+    assert "sk-test-SENTINEL-not-a-real-key" not in logs and "caller-SENTINEL-key" not in logs
 
 
 def test_vercel_without_api_keys_refuses_everything(env, fake_openai):

@@ -24,15 +24,18 @@ from typing import Any
 from .base import Entry
 
 GET_FN = "embedding_cache_get"
+GET_PACKED_FN = "embedding_cache_get_packed"
 PUT_FN = "embedding_cache_put"
+_BINARY = {"Accept": "application/octet-stream"}
 
 
 class SupabaseError(Exception):
     """A failed cache call, described without the key or the payload."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, status: int = 0) -> None:
         super().__init__(message)
         self.transient = transient
+        self.status = status
 
     @classmethod
     def from_response(cls, fn: str, response: Any) -> SupabaseError:
@@ -42,7 +45,8 @@ class SupabaseError(Exception):
         except ValueError:
             detail = ""
         status = response.status_code
-        return cls(f"{fn} failed: HTTP {status} {detail[:200]}", transient=status >= 500 or status == 429)
+        return cls(f"{fn} failed: HTTP {status} {detail[:200]}", transient=status >= 500 or status == 429,
+                   status=status)
 
 
 class SupabaseCache:
@@ -57,6 +61,7 @@ class SupabaseCache:
         self._attempts = attempts
         self._http_client = http_client
         self._client: Any = None  # the httpx client, made on first use
+        self._packed = True  # until the server shows it cannot answer in binary
         self._lock = threading.Lock()
 
     def _http(self) -> Any:
@@ -72,7 +77,7 @@ class SupabaseCache:
                                              "Content-Type": "application/json"})
             return self._client
 
-    def _rpc(self, fn: str, params: dict[str, Any]) -> Any:
+    def _rpc(self, fn: str, params: dict[str, Any], binary: bool = False) -> Any:
         """One RPC, retried once on a transient failure (no client retries a POST by itself)."""
         import httpx
         from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -85,9 +90,11 @@ class SupabaseCache:
         body = json.dumps(params, separators=(",", ":"))
 
         def once() -> Any:
-            response = client.post(url, content=body)
+            response = client.post(url, content=body, headers=_BINARY if binary else None)
             if response.status_code >= 400:
                 raise SupabaseError.from_response(fn, response)
+            if binary:
+                return response.content
             return json.loads(response.content) if response.content else None
 
         try:
@@ -104,6 +111,14 @@ class SupabaseCache:
     def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
         if not keys:
             return {}
+        if self._packed:
+            try:
+                return _unpack(self._rpc(GET_PACKED_FN, {"keys": list(keys)}, binary=True))
+            except SupabaseError as exc:
+                if exc.status not in (404, 406, 415):
+                    raise
+                # An older migration or a PostgREST without binary output: use the JSON function from now on.
+                self._packed = False
         rows = self._rpc(GET_FN, {"keys": list(keys)}) or []
         b64decode = base64.b64decode
         return {row["key"]: b64decode(row["vector"]) for row in rows}
@@ -118,3 +133,21 @@ class SupabaseCache:
     def ping(self) -> bool:
         self._rpc(GET_FN, {"keys": []})
         return True
+
+
+def _unpack(blob: bytes) -> dict[str, bytes]:
+    """(32-byte key, 4-byte big-endian length, vector) repeated: see embedding_cache_get_packed."""
+    found: dict[str, bytes] = {}
+    view = memoryview(blob)
+    offset, end = 0, len(blob)
+    while offset < end:
+        if offset + 36 > end:
+            raise SupabaseError("embedding_cache_get_packed answered a truncated record")
+        key = view[offset:offset + 32].hex()
+        length = int.from_bytes(view[offset + 32:offset + 36], "big")
+        offset += 36
+        if offset + length > end:
+            raise SupabaseError("embedding_cache_get_packed answered a truncated record")
+        found[key] = bytes(view[offset:offset + length])
+        offset += length
+    return found
