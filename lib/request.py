@@ -6,6 +6,7 @@ stored: that is the service's job (`lib.service`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -18,7 +19,7 @@ from .config import ConfigError, Settings
 from .errors import APIError, ProviderError, invalid
 from .models import ModelSpec
 from .providers.base import Item
-from .vectors import shortest_json_arrays, to_base64
+from .vectors import shortest_json_arrays
 
 log = logging.getLogger("embeddings")
 
@@ -152,20 +153,22 @@ def embeddings(body: bytes, app: App) -> Response:
         result = app.service.embed(items, model, dimensions)
     except ProviderError as exc:
         raise exc.to_api_error() from None
+    # Assembled as bytes in one join: a 2048-input answer is tens of MB, so no intermediate copies.
+    parts = [b'{"object":"list","data":[']
     if fmt == "base64":
-        rendered = ['"' + to_base64(v) + '"' for v in result.vectors]
+        b64 = base64.b64encode
+        for i, v in enumerate(result.vectors):
+            parts += (b'{"object":"embedding","index":', str(i).encode(), b',"embedding":"', b64(v), b'"},')
     else:
-        rendered = shortest_json_arrays(result.vectors)
-    head = '{"object":"list","data":['
-    data = ",".join(
-        f'{{"object":"embedding","index":{i},"embedding":{emb}}}' for i, emb in enumerate(rendered)
-    )
-    tail = (f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
-            f'"total_tokens":{result.tokens}}}}}')
+        for i, text in enumerate(shortest_json_arrays(result.vectors)):
+            parts += (b'{"object":"embedding","index":', str(i).encode(), b',"embedding":', text, b"},")
+    parts[-1] = parts[-1][:-1]  # no comma after the last item
+    parts.append(f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
+                 f'"total_tokens":{result.tokens}}}}}'.encode())
     headers = {"x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
     if result.cache_errors:
         headers["x-cache-error"] = ",".join(result.cache_errors)
-    return Response(200, (head + data + tail).encode(), headers, len(items), result.hits, result.misses)
+    return Response(200, b"".join(parts), headers, len(items), result.hits, result.misses)
 
 
 def health(app: App) -> Response:

@@ -57,16 +57,12 @@ def all_finite(blob: bytes) -> bool:
     return not any(t & 0x7F == 0x7F and m & 0x80 for t, m in zip(top, mid))
 
 
-def to_base64(blob: bytes) -> str:
-    return base64.b64encode(blob).decode("ascii")
-
-
 def from_base64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def shortest_json_arrays(blobs: Sequence[bytes]) -> list[str]:
-    """JSON arrays (`[0.1,-0.25,...]`) of each blob's float32 values, in the shortest decimal
+def shortest_json_arrays(blobs: Sequence[bytes]) -> list[bytes]:
+    """JSON arrays (`[0.1,-0.25,...]`, ASCII bytes) of each blob's float32 values, in the shortest decimal
     form that reads back to the same float32 (as numpy and OpenAI print them).
 
     Formatting floats is the one costly step of a float answer (about 3 us a value in
@@ -77,7 +73,7 @@ def shortest_json_arrays(blobs: Sequence[bytes]) -> list[str]:
     for blob in blobs:
         text = _text_memo.get(blob)
         if text is None:
-            text = "[" + ",".join(shortest_float32(to_floats(blob))) + "]"
+            text = ("[" + ",".join(shortest_float32(to_floats(blob))) + "]").encode("ascii")
             _text_memo.put(blob, text)
         out.append(text)
     return out
@@ -121,22 +117,22 @@ def shortest_float32(values: list[float]) -> list[str]:
 
 
 class _TextMemo:
-    """A small LRU from vector bytes to rendered JSON text, bounded in bytes, safe under threads."""
+    """A small LRU from vector bytes to their rendered JSON text, bounded in bytes, safe under threads."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[bytes, str] = OrderedDict()
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, blob: bytes) -> str | None:
+    def get(self, blob: bytes) -> bytes | None:
         with self._lock:
             text = self._items.get(blob)
             if text is not None:
                 self._items.move_to_end(blob)
             return text
 
-    def put(self, blob: bytes, text: str) -> None:
+    def put(self, blob: bytes, text: bytes) -> None:
         size = len(blob) + len(text)
         with self._lock:
             if blob in self._items or size > self.max_bytes:
