@@ -7,7 +7,7 @@ VENV := .venv
 VENV312 := .venv312
 PORT ?= 3000
 
-.PHONY: dev test bench clean
+.PHONY: dev test bench vercel-check clean
 
 # The dev/test environment (Python 3.11): production requirements plus the local model and test tools.
 $(VENV)/.installed: requirements.prod.txt requirements.dev.txt
@@ -36,6 +36,10 @@ test: $(VENV)/.installed $(VENV312)/.installed .postgres-ok
 
 bench: $(VENV)/.installed .postgres-ok
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m bench
+
+# Build with the real Vercel CLI (from npm) in a scratch copy and check what would be deployed.
+vercel-check: $(VENV)/.installed $(VENV312)/.installed
+	$(VENV)/bin/python scripts/vercel_build_check.py
 
 clean:
 	rm -rf $(VENV) $(VENV312) .cache

@@ -1,0 +1,114 @@
+"""Build the project with the real Vercel CLI, offline, and check what it would deploy.
+
+    python scripts/vercel_build_check.py        (make vercel-check)
+
+Installs the Vercel CLI from the npm registry into .cache/vercel-cli (once), copies the
+project into a scratch folder (the build writes pyproject.toml, uv.lock and .python-version
+into the project root), plants a `.env` holding a sentinel, runs `vercel build`, and checks
+`.vercel/output`: one function per `api/*.py`, nothing from tests/, bench/ or `.env*` in any
+function or in the static output, and each function's size. Needs npm, uv and Python 3.12
+on PATH (the Makefile's environments provide the last two).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI_VERSION = "60.1.3"  # later releases need a `sandbox` package version the registry does not serve
+CLI_DIR = ROOT / ".cache" / "vercel-cli"
+SENTINEL = "SENTINEL-must-never-be-deployed"
+FORBIDDEN = ("tests/", "bench/", ".env", ".ci/", ".venv")
+
+
+def cli() -> Path:
+    binary = CLI_DIR / "node_modules" / ".bin" / "vercel"
+    if not binary.exists():
+        CLI_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(CLI_DIR),
+                        f"vercel@{CLI_VERSION}"], check=True)
+    return binary
+
+
+def python312_dir() -> str:
+    found = shutil.which("python3.12")
+    candidates = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))
+    if candidates:
+        return str(candidates[-1].parent)
+    if found:
+        return str(Path(found).parent)
+    raise SystemExit("Python 3.12 is needed for `vercel build`")
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def build(scratch: Path) -> Path:
+    for rel in project_files():
+        dest = scratch / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest)
+    (scratch / ".env").write_text(f"OPENAI_API_KEY=sk-{SENTINEL}\n")
+    (scratch / ".env.local").write_text(f"SUPABASE_SERVICE_ROLE_KEY={SENTINEL}\n")
+    (scratch / ".vercel").mkdir(exist_ok=True)
+    (scratch / ".vercel" / "project.json").write_text(json.dumps(
+        {"projectId": "prj_local_build_check", "orgId": "team_local_build_check", "settings": {"framework": None}}))
+    uv = shutil.which("uv") or str(ROOT / ".venv" / "bin" / "uv")
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(uv).parent), python312_dir(), os.environ["PATH"]]),
+           "VERCEL_TELEMETRY_DISABLED": "1"}
+    subprocess.run([str(cli()), "build", "--yes"], cwd=scratch, env=env, check=True, capture_output=True, text=True)
+    return scratch / ".vercel" / "output"
+
+
+def check(output: Path, scratch: Path) -> dict:
+    problems: list[str] = []
+    functions = sorted(p.relative_to(output / "functions").as_posix()
+                       for p in (output / "functions").rglob("*.func"))
+    expected = sorted(f"api/{p.stem}.func" for p in (ROOT / "api").glob("*.py") if not p.name.startswith("_"))
+    if functions != expected:
+        problems.append(f"functions {functions} != {expected}")
+    sizes = {}
+    for func in functions:
+        config = json.loads((output / "functions" / func / ".vc-config.json").read_text())
+        mapped = config.get("filePathMap", {})
+        inside = [p.relative_to(output / "functions" / func).as_posix()
+                  for p in (output / "functions" / func).rglob("*") if p.is_file()]
+        for name in list(mapped) + inside:
+            if name.startswith(FORBIDDEN) or "/.env" in name:
+                problems.append(f"{func} contains {name}")
+        total = sum((scratch / src).stat().st_size for src in mapped.values() if (scratch / src).is_file())
+        total += sum((output / "functions" / func / p).stat().st_size for p in inside)
+        sizes[func] = round(total / 1e6, 1)
+        for src in mapped.values():
+            path = scratch / src
+            if path.is_file() and path.suffix in ("", ".env", ".txt", ".py", ".json", ".local") and \
+                    SENTINEL.encode() in path.read_bytes():
+                problems.append(f"{func} carries the planted secret in {src}")
+    static = [p.relative_to(output / "static").as_posix() for p in (output / "static").rglob("*") if p.is_file()]
+    for name in static:
+        if not (ROOT / "public" / name).exists():
+            problems.append(f"static output publishes {name}, which is not in public/")
+    return {"functions": functions, "size_mb": sizes, "static": static, "problems": problems}
+
+
+def main() -> int:
+    scratch = Path(tempfile.mkdtemp(prefix="vercel-build-"))
+    try:
+        report = check(build(scratch), scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(report, indent=1))
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
