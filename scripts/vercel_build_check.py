@@ -32,7 +32,7 @@ def cli() -> Path:
     if not binary.exists():
         CLI_DIR.mkdir(parents=True, exist_ok=True)
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(CLI_DIR),
-                        f"vercel@{CLI_VERSION}"], check=True)
+                        f"vercel@{CLI_VERSION}"], check=True, stdout=sys.stderr)  # stdout is the report
     return binary
 
 
