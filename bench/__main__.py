@@ -7,6 +7,7 @@
 5 local provider through the dev server against SentenceTransformer.encode
 6 cost: upstream calls and inputs sent against distinct texts
 7 memory: peak Python heap of one 2048-input request (tracemalloc)
+8 load: many client threads, all hits and mixed hits and misses, p50 and p99
 """
 
 from __future__ import annotations
@@ -312,7 +313,52 @@ print(json.dumps({"peak": peak, "kept": current}))
                         note=f"{m['kept'] / 1e6:.1f} MB still held after it: the answer and the memory LRU's copy"))
 
 
-SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory}
+# -- 8: load ----------------------------------------------------------------------------------------------
+
+
+def load(s: Setup, rows: list[Row]) -> None:
+    """16 client threads x 25 requests of 8 inputs against the dev server (memory LRU + SQLite)."""
+    import threading
+
+    env = s.env("sqlite", 64, EMBEDDINGS_SQLITE_PATH=str(s.tmp / "load.sqlite3"))
+    proc, url = s.devserver(env)
+    pool = texts(64, "load")
+    KeepAlive(url).post("/v1/embeddings", body(pool, "base64"))
+    for label, fresh_per_request in (("all hits", 0), ("6 hits + 2 misses", 2)):
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def worker(w: int) -> None:
+            client = KeepAlive(url)
+            for r in range(25):
+                batch = [pool[(w * 7 + r * 3 + j) % len(pool)] for j in range(8 - fresh_per_request)]
+                batch += [f"load fresh {label} {w}-{r}-{j}" for j in range(fresh_per_request)]
+                t = time.perf_counter()
+                status, _, _ = client.post("/v1/embeddings", body(batch, "base64"))
+                dt = time.perf_counter() - t
+                with lock:
+                    latencies.append(dt)
+                    if status != 200:
+                        errors.append(str(status))
+
+        start_t = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start_t
+        lat = sorted(latencies)
+        p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+        rows.append(Row("8", f"load, 16 threads x 25 requests x 8 inputs, {label}", p50, 0.0,
+                        per_second=len(lat) / elapsed,
+                        note=f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, {len(lat) / elapsed:.0f} req/s, "
+                             f"max {lat[-1] * 1000:.0f} ms, errors {len(errors)} (throughput column: requests/s)"))
+    proc.kill()
+
+
+SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load}
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -68,11 +69,13 @@ class KeepAlive:
 def start(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 90) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_", "HF_"))}
     full.update(env)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Logs go to a file: a pipe nobody reads fills up and stalls the server mid-benchmark.
+    log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited: {proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(f"{cmd} exited: {Path(log.name).read_text()[-2000:]}")
         try:
             if ready():
                 return proc

@@ -38,8 +38,9 @@ def call_with_retries(fn: Callable[[], T], deadline: Deadline, *, attempts: int 
     def stop(state: RetryCallState) -> bool:
         if stop_after_attempt(attempts)(state):
             return True
-        # Stop now rather than start a wait that would cross the deadline.
-        return _wait(state) >= deadline.remaining()
+        # Stop now rather than start a wait that would cross the deadline (tenacity has already
+        # drawn the wait it is about to take, jitter included, into `upcoming_sleep`).
+        return state.upcoming_sleep >= deadline.remaining()
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

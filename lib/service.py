@@ -62,7 +62,7 @@ class EmbeddingService:
             distinct.setdefault(key, item)
 
         expected = dimensions or model.dimensions
-        found, errors = self._lookup(list(distinct), expected)
+        found, errors = self._lookup(list(distinct), model.id, expected)
         hits = len(found)
         missing = [k for k in distinct if k not in found]
         tokens = 0
@@ -74,7 +74,7 @@ class EmbeddingService:
 
     # -- cache tiers -------------------------------------------------------------------------
 
-    def _lookup(self, keys: list[str], expected: int | None) -> tuple[dict[str, bytes], list[str]]:
+    def _lookup(self, keys: list[str], model: str, expected: int | None) -> tuple[dict[str, bytes], list[str]]:
         found: dict[str, bytes] = {}
         errors: list[str] = []
         remaining = keys
@@ -95,7 +95,7 @@ class EmbeddingService:
                 log.warning("cache %s: ignored %d invalid vector(s)", tier.name, len(got) - len(good))
             if good and depth > 0:
                 # Warm the faster tiers in front with what the slower one had.
-                self._put(self.tiers[:depth], [Entry(k, "", len(v) // 4, v) for k, v in good.items()], errors)
+                self._put(self.tiers[:depth], [Entry(k, model, len(v) // 4, v) for k, v in good.items()], errors)
             found.update(good)
             remaining = [k for k in remaining if k not in good]
         return found, errors
@@ -126,16 +126,20 @@ class EmbeddingService:
         results: dict[str, bytes] = {}
         errors: list[str] = []
         tokens = 0
+        failure: BaseException | None = None
         try:
             if mine:
                 tokens = self._call_provider(list(mine), distinct, model, dimensions, deadline, mine, results, errors)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             with self._inflight_lock:
                 for k, fut in mine.items():
                     self._inflight.pop(k, None)
-                    if not fut.done():
-                        fut.set_exception(ProviderError(502, "The batch computing this input failed",
-                                                        retryable=True, code="provider_error"))
+                    if not fut.done():  # whoever waits on this input gets the same error we do
+                        fut.set_exception(failure or ProviderError(502, "The embedding provider failed",
+                                                                   retryable=False, code="provider_error"))
         for k, fut in theirs.items():
             try:
                 results[k] = fut.result(timeout=deadline.remaining())
