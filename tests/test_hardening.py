@@ -280,3 +280,34 @@ def open_sockets() -> int:
         except OSError:
             pass
     return count
+
+
+def test_stalled_cache_does_not_hold_the_request_hostage(monkeypatch, fake_openai, tmp_path, serve):
+    """A Supabase that accepts connections and never answers: the request is served from the provider."""
+    import socket as socketlib
+
+    from tests.conftest import supabase_env
+
+    silent = socketlib.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts (in the kernel), never reads, never answers
+    try:
+        supabase_env(monkeypatch, fake_openai.url, f"http://127.0.0.1:{silent.getsockname()[1]}",
+                     SUPABASE_TIMEOUT_S="0.5", EMBEDDINGS_TIMEOUT_S="5")
+        server = serve()
+        server.embed({"input": ["warm the keep-alive connections"]})
+        before_threads = threading.active_count()
+        start = time.monotonic()
+        r = server.embed({"input": ["stuck cache"], "encoding_format": "base64"})
+        elapsed = time.monotonic() - start
+        assert r.status_code == 200 and r.headers["x-cache-error"] == "supabase"
+        assert b64vec(r.json()["data"][0]) == fake_openai.expected("text-embedding-3-small", "stuck cache").tobytes()
+        assert elapsed < 4  # the read gives up after its short timeout and one retry; the write is skipped
+        assert threading.active_count() <= before_threads + 1
+        # the next requests of the outage do not wait on the cache again
+        start = time.monotonic()
+        again = server.embed({"input": ["stuck cache", "another"]})
+        assert again.status_code == 200 and again.headers["x-cache-error"] == "supabase"
+        assert time.monotonic() - start < 0.5
+    finally:
+        silent.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ GET_FN = "embedding_cache_get"
 GET_PACKED_FN = "embedding_cache_get_packed"
 PUT_FN = "embedding_cache_put"
 _BINARY = {"Accept": "application/octet-stream"}
+BACKOFF_S = 5.0  # how long an unreachable cache is skipped before the next try
 
 
 class SupabaseError(Exception):
@@ -63,6 +65,7 @@ class SupabaseCache:
         self._http_client = http_client
         self._client: Any = None  # the httpx client, made on first use
         self._packed = True  # until the server shows it cannot answer in binary
+        self._down_until = 0.0  # after a timeout or connection failure, skip the cache for a moment
         self._lock = threading.Lock()
 
     def _http(self) -> Any:
@@ -86,6 +89,9 @@ class SupabaseCache:
         def transient(exc: BaseException) -> bool:
             return isinstance(exc, httpx.TransportError) or (isinstance(exc, SupabaseError) and exc.transient)
 
+        if time.monotonic() < self._down_until:
+            # Don't make every request of an outage wait out the same timeouts: fail fast for a moment.
+            raise SupabaseError(f"{fn} skipped: the cache was unreachable moments ago", transient=True)
         client = self._http()
         url = f"{self._url}/rest/v1/rpc/{fn}"
         body = json.dumps(params, separators=(",", ":"))
@@ -105,6 +111,7 @@ class SupabaseCache:
                 with attempt:
                     return once()
         except httpx.HTTPError as exc:
+            self._down_until = time.monotonic() + BACKOFF_S
             raise SupabaseError(f"{fn} failed: {type(exc).__name__}", transient=True) from None
         except ValueError:
             raise SupabaseError(f"{fn} answered something that is not JSON") from None
