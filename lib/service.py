@@ -55,8 +55,8 @@ class EmbeddingService:
               deadline: Deadline | None = None) -> Result:
         deadline = deadline or Deadline(self.timeout_s)
         options = self.provider.key_options(model)
-        key = key_function(model.id, dimensions, options)
-        keys = [key(item) for item in items]
+        make_key = key_function(model.id, dimensions, options)
+        keys = [make_key(item) for item in items]
         distinct: dict[str, Item] = {}
         for key, item in zip(keys, items):
             distinct.setdefault(key, item)
@@ -87,6 +87,11 @@ class EmbeddingService:
                 log.warning("cache %s get failed: %s", tier.name, type(exc).__name__)
                 errors.append(tier.name)
                 continue
+            if expected is None and got and len({len(v) for v in got.values()}) == 1:
+                # A model named only in configuration, not yet seen by this process: its size is what was
+                # stored for it (the key names the model, so one size is expected). Learn it, or pay again.
+                expected = len(next(iter(got.values()))) // 4
+                self.registry.learn_dimensions(model, expected)
             if tier.trusted:
                 good = dict(got)
             else:

@@ -101,4 +101,9 @@ def test_configured_models_learn_their_size(monkeypatch, tmp_path, serve, fake_h
     assert r.status_code == 200 and len(vecs(r)[0]) == 384
     again = server.embed({"input": "x", "model": "acme/mini-clone"})
     assert again.headers["x-cache-hits"] == "1"
+    from lib import app
+
+    app.reset()  # a cold instance that has not learned the size yet still finds what was paid for
+    cold = server.embed({"input": ["x", "y"], "model": "acme/mini-clone"})
+    assert cold.headers["x-cache-hits"] == "2" and fake_hf.calls == 1
     assert fake_hf.requests[0]["path"] == "/models/acme/mini-clone/pipeline/feature-extraction"
