@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import sys
+import threading
 from array import array
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+
+from tests.loopback import QuietHandler, serve
 
 SQL = """
 create table if not exists public.naive_cache (hash text primary key, embedding jsonb not null);
@@ -31,18 +32,9 @@ def main() -> None:
     port, rest, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     client = httpx.Client(base_url=rest, headers={"apikey": key, "Authorization": f"Bearer {key}"})
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
-            self.reply(200, b"{}")
+            self.send(200, b"{}")
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -56,16 +48,10 @@ def main() -> None:
                 data.append({"object": "embedding", "index": i, "embedding": emb})
             out = {"object": "list", "data": data, "model": body.get("model", "text-embedding-3-small"),
                    "usage": {"prompt_tokens": 0, "total_tokens": 0}}
-            self.reply(200, json.dumps(out).encode())
+            self.send(200, json.dumps(out).encode())
 
-        def reply(self, status: int, data: bytes) -> None:
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    serve(Handler, port)
+    threading.Event().wait()  # the server runs in its thread until this process is killed
 
 
 if __name__ == "__main__":

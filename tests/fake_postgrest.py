@@ -23,16 +23,16 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import queue
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 from psycopg.types.json import Jsonb
+
+from tests.loopback import QuietHandler, serve
 
 JWT_SECRET = b"test-only-jwt-secret-not-used-anywhere-real"
 ROLES = ("anon", "authenticated", "service_role")
@@ -78,17 +78,7 @@ class FakePostgREST:
         self._lock = threading.Lock()
         rest = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                # as real servers do: answers are two writes (head, body), which Nagle would hold back
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
@@ -108,19 +98,13 @@ class FakePostgREST:
                 self.reply(status, body)
 
             def reply(self, status: int, body: Any) -> None:
-                binary = isinstance(body, memoryview)
-                data = bytes(body) if binary else body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/octet-stream" if binary
-                                 else "application/json; charset=utf-8")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if isinstance(body, memoryview):
+                    self.send(status, bytes(body), "application/octet-stream")
+                else:
+                    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                    self.send(status, data, "application/json; charset=utf-8")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 128
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.server = serve(Handler)
 
     @property
     def url(self) -> str:
