@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -225,8 +224,6 @@ def bundle(s: Setup, rows: list[Row]) -> None:
 
 
 def local_provider(s: Setup, rows: list[Row]) -> None:
-    import numpy as np
-
     pool = [f"Sentence {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(64)]
     env = {"EMBEDDINGS_PROVIDER": "local", "EMBEDDINGS_CACHE": "none", "HF_HUB_OFFLINE": "1"}
     proc, url = s.devserver(env)
@@ -244,7 +241,6 @@ def local_provider(s: Setup, rows: list[Row]) -> None:
     rows.append(Row("5", "SentenceTransformer.encode, 64 inputs", direct, dspread, per_second=64 / direct))
     rows.append(Row("5", "dev server (local, no cache), 64 inputs over HTTP", served, spread, per_second=64 / served,
                     ratio=served / direct, ratio_to="of encode's time", target="<= 1.10"))
-    del np
 
 
 # -- 6: cost --------------------------------------------------------------------------------------------

@@ -31,10 +31,6 @@ class App:
         self.tiers = make_tiers(settings)
         self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s)
 
-    @property
-    def cache_name(self) -> str:
-        return self.settings.cache
-
 
 def make_provider(s: config.Settings) -> Provider:
     if s.provider == "openai":

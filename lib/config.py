@@ -42,10 +42,6 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
 
-    def secrets(self) -> list[str]:
-        """Every secret value in force, so that logs and answers can be checked against them."""
-        return [s for s in (self.openai_api_key, self.hf_token, self.supabase_key, *self.api_keys) if s]
-
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int = 1) -> int:
     raw = env.get(name, "").strip()

@@ -8,6 +8,7 @@ parses. Nothing else (no traceback, no upstream URL, no key) ever reaches a body
 from __future__ import annotations
 
 import json
+import re
 
 
 class APIError(Exception):
@@ -74,17 +75,12 @@ class ProviderError(Exception):
         return APIError(self.status, self.message, type=self.type, code=self.code, headers=headers)
 
 
-_SECRETISH = None
+_SECRETISH = re.compile(
+    r"(sk-[\w*.-]{3,}|sb_(?:secret|publishable)_[\w-]+|hf_[\w]{3,}|eyJ[\w-]+\.[\w-]+\.[\w-]*|"
+    r"[Bb]earer\s+\S+|https?://\S+)"
+)
 
 
 def scrub(text: str) -> str:
     """Remove anything shaped like a key or token from upstream text before it is passed on."""
-    global _SECRETISH
-    if _SECRETISH is None:
-        import re
-
-        _SECRETISH = re.compile(
-            r"(sk-[\w*.-]{3,}|sb_(?:secret|publishable)_[\w-]+|hf_[\w]{3,}|eyJ[\w-]+\.[\w-]+\.[\w-]*|"
-            r"[Bb]earer\s+\S+|https?://\S+)"
-        )
     return _SECRETISH.sub("[redacted]", text)

@@ -10,8 +10,8 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 from collections.abc import Mapping
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 from .app import App
@@ -20,9 +20,6 @@ from .errors import APIError, ProviderError, invalid
 from .models import ModelSpec
 from .providers.base import Item
 from .vectors import shortest_json_arrays
-
-log = logging.getLogger("embeddings")
-
 
 @dataclass
 class Response:
@@ -64,10 +61,16 @@ def authorize(headers: Mapping[str, str], settings: Settings) -> None:
     # Compare digests so the time taken depends neither on the key's length nor on how much of it matches.
     offered = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
     ok = False
-    for key in settings.api_keys:
-        ok |= hmac.compare_digest(offered, hashlib.sha256(key.encode()).digest())
+    for digest in _digests(settings.api_keys):
+        ok |= hmac.compare_digest(offered, digest)
     if scheme.lower() != "bearer" or not ok:
         raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+@lru_cache(maxsize=4)
+def _digests(keys: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The configured keys' digests, computed once per configuration rather than on every request."""
+    return tuple(hashlib.sha256(key.encode()).digest() for key in keys)
 
 
 # -- embeddings ------------------------------------------------------------------------------

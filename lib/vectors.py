@@ -8,7 +8,6 @@ reads back to the same float32 (what OpenAI and numpy print), not 17-digit float
 from __future__ import annotations
 
 import base64
-import math
 import sys
 import threading
 from array import array

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lib import app as app_module  # noqa: E402
-from tests.upstreams import FakeOpenAI  # noqa: E402
+from tests.upstreams import FakeHuggingFace, FakeOpenAI  # noqa: E402
 
 # Never let a developer's real keys or settings leak into a test run.
 _OURS = ("EMBEDDINGS_", "OPENAI_", "HF_", "SUPABASE_", "VERCEL")
@@ -197,9 +197,7 @@ def supabase_env(monkeypatch: pytest.MonkeyPatch, upstream_url: str, rest_url: s
 
 
 @pytest.fixture
-def fake_hf() -> Iterator["FakeHuggingFace"]:
-    from tests.upstreams import FakeHuggingFace
-
+def fake_hf() -> Iterator[FakeHuggingFace]:
     up = FakeHuggingFace()
     yield up
     up.close()

@@ -71,7 +71,6 @@ class FakePostgREST:
     def __init__(self, dsn: str, pool_size: int = 8) -> None:
         self.dsn = dsn
         self.calls: Counter[str] = Counter()
-        self.headers_seen: list[dict[str, str]] = []
         self._pool: queue.Queue[psycopg.Connection] = queue.Queue()
         self._pool_size = pool_size
         self._meta: dict[str, tuple[bool, list[str], list[str], bool]] = {}
@@ -157,7 +156,6 @@ class FakePostgREST:
         fn = path.removeprefix("/rest/v1/rpc/")
         with self._lock:
             self.calls[fn] += 1
-            self.headers_seen.append(headers)
         if "apikey" not in headers:
             return 401, {"message": "No API key found in request", "hint": "No `apikey` request header or url "
                          "param was found."}

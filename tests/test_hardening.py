@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
-import json
 import os
 import random
 import signal
