@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Deadline:
@@ -15,3 +21,28 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining() <= 0.0
+
+
+def run_within(work: Callable[[threading.Event], T], seconds: float) -> T:
+    """`work(gave_up)` in a worker thread, waited on for at most `seconds`.
+
+    Client timeouts bound each socket read, not a whole call: a peer that sends one byte
+    every half second keeps a read-timeout client waiting for ever. Here the caller gets
+    its answer or a `TimeoutError` on time, whatever the peer does; `gave_up` is set on
+    time-out so the worker stops at its next step (and closes its connection) by itself.
+    """
+    result: Future[T] = Future()
+    gave_up = threading.Event()
+
+    def run() -> None:
+        try:
+            result.set_result(work(gave_up))
+        except BaseException as exc:  # handed to the waiting thread
+            result.set_exception(exc)
+
+    threading.Thread(target=run, name="bounded-call", daemon=True).start()
+    try:
+        return result.result(timeout=seconds)
+    except TimeoutError:  # concurrent.futures.TimeoutError is TimeoutError since 3.11
+        gave_up.set()
+        raise

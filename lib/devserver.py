@@ -12,7 +12,9 @@ import importlib
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -40,14 +42,24 @@ class Router(Endpoint):
     """Picks the route's handler class for each request on a keep-alive connection."""
 
     table: dict[str, type[Endpoint]] = {}
+    # Seconds to wait for each read of a request line, header or body (idle keep-alive included): a
+    # client that stalls mid-request loses its connection instead of holding a thread for ever.
+    timeout = 15.0
+
+    def _route(self) -> type[Endpoint]:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        return self.table.get(path, NotFoundEndpoint)
 
     def _dispatch(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        self.__class__ = self.table.get(path, NotFoundEndpoint)
+        own = self.__class__
+        self.__class__ = self._route()
         try:
             self._dispatch()
         finally:
-            self.__class__ = Router
+            self.__class__ = own
+
+    def allowed(self) -> str:
+        return self._route().method if getattr(self, "path", None) else "POST"
 
 
 for _m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
@@ -57,11 +69,45 @@ for _m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the default of 5 drops connections under a burst of clients
+    max_connections = 512  # one thread each: past this, new connections get a 503 and are closed
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
-def make_server(host: str, port: int) -> Server:
+_BUSY_BODY = b'{"error":{"message":"The server has too many open connections; retry shortly","type":"server_error",' \
+    b'"param":null,"code":"server_busy"}}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+         b"connection: close\r\ncontent-length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+def make_server(host: str, port: int, *, read_timeout_s: float | None = None,
+                max_connections: int | None = None) -> Server:
     Router.table = routes()
-    return Server((host, port), Router)
+    handler = Router
+    if read_timeout_s is not None:
+        handler = type("Router", (Router,), {"timeout": read_timeout_s})
+    server_cls = Server
+    if max_connections is not None:
+        server_cls = type("Server", (Server,), {"max_connections": max_connections})
+    return server_cls((host, port), handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,15 +72,64 @@ class ProviderError(Exception):
         headers = {}
         if self.retry_after is not None:
             headers["retry-after"] = str(max(1, round(self.retry_after)))
-        return APIError(self.status, self.message, type=self.type, code=self.code, headers=headers)
+        # Providers set codes from fixed strings; this is the last line of defence if one ever does not.
+        code = self.code if self.code is not None and _OUR_CODE.fullmatch(self.code) else "provider_error"
+        return APIError(self.status, self.message, type=self.type, code=code, headers=headers)
+
+
+_OUR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+# The upstream codes a caller may see as they are: OpenAI's documented invalid-request codes. Any other
+# upstream `code` is replaced by ours: it is the upstream's text, and text can carry anything (a key
+# echoed back, an object). `param` and `type` are always ours.
+SAFE_UPSTREAM_CODES = frozenset({
+    "context_length_exceeded", "invalid_value", "invalid_type", "missing_required_parameter",
+    "unknown_parameter", "string_above_max_length", "array_above_max_length", "empty_array",
+    "invalid_input", "invalid_encoding_format", "unsupported_value",
+})
+
+
+def safe_code(code: object, default: str) -> str:
+    """An upstream error code if it is one of the known-safe tokens, else `default` (ours)."""
+    return code if isinstance(code, str) and code in SAFE_UPSTREAM_CODES else default
 
 
 _SECRETISH = re.compile(
     r"(sk-[\w*.-]{3,}|sb_(?:secret|publishable)_[\w-]+|hf_[\w]{3,}|eyJ[\w-]+\.[\w-]+\.[\w-]*|"
-    r"[Bb]earer\s+\S+|https?://\S+)"
+    r"[Bb]earer\s+\S+|https?://\S+|"
+    # Any long unbroken run of base64/hex-like characters: a key may come back encoded. No word
+    # of a human-readable reason is that long.
+    r"[A-Za-z0-9+/_-]{28,}=*)"
 )
+
+MAX_REASON_CHARS = 300
 
 
 def scrub(text: str) -> str:
     """Remove anything shaped like a key or token from upstream text before it is passed on."""
     return _SECRETISH.sub("[redacted]", text)
+
+
+def upstream_reason(message: object) -> str:
+    """What a caller needs from an upstream 400: the reason, scrubbed, on one line, bounded in length.
+
+    The bound is applied before scrubbing too, so a huge message costs nothing, and again after."""
+    if not isinstance(message, str):
+        return "no reason given"
+    text = " ".join(message[: 4 * MAX_REASON_CHARS].split())
+    text = scrub(text)
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+MAX_RETRY_AFTER_S = 600.0
+
+
+def parse_retry_after(raw: object) -> float | None:
+    """A provider's retry-after in seconds, clamped to [0, 600]; None when it is not a finite number."""
+    try:
+        value = float(str(raw).strip())
+    except (TypeError, ValueError):
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return None
+    return min(max(value, 0.0), MAX_RETRY_AFTER_S)

@@ -22,6 +22,13 @@ from .errors import APIError
 log = logging.getLogger("embeddings")
 
 _ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+_MAX_DRAIN = 64 * 1024  # an unused body up to this size is read and dropped; a larger one closes the connection
+_HTTP_ERRORS = {
+    408: "Timed out reading the request",
+    414: "The request URL is too long",
+    431: "The request's header fields are too large",
+    505: "HTTP version not supported; use HTTP/1.1",
+}
 
 
 class Endpoint(BaseHTTPRequestHandler):
@@ -47,13 +54,18 @@ class Endpoint(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         started = time.perf_counter()
         request_id = "req_" + uuid.uuid4().hex[:24]
+        self._body_read = False
         try:
             response = self._respond()
         except APIError as err:
             response = rq.error_response(err)
+        except TimeoutError:
+            self.close_connection = True
+            response = rq.error_response(APIError(408, "Timed out reading the request body", code="request_timeout"))
         except Exception:
             log.exception("unhandled error (request %s)", request_id)
             response = rq.error_response(APIError(500, "Internal server error", type="server_error"))
+        self._settle_body()
         response.headers["x-request-id"] = request_id
         self._send(response)
         log.info("%s %s %d inputs=%d hits=%d misses=%d %.1fms", self.command, self.path.split("?")[0],
@@ -61,66 +73,100 @@ class Endpoint(BaseHTTPRequestHandler):
                  (time.perf_counter() - started) * 1000)
 
     def _respond(self) -> rq.Response:
+        length = self._declared_length()  # before anything else: a request we cannot frame gets nothing
         if self.command == "OPTIONS":
             return self._preflight()
         if self.command != self.method:
-            self._drain()
             raise APIError(405, f"Method {self.command} is not allowed here; use {self.method}",
                            code="method_not_allowed", headers={"allow": self.method})
         try:
             app = get_app()
         except ConfigError as exc:
-            self._drain()
             raise rq.config_error(exc) from None
         if self.needs_auth:
-            try:
-                rq.authorize(self.headers_lower(), app.settings)
-            except APIError:
-                self._drain()
-                raise
-        body = self._read_body(app.settings.max_body_bytes) if self.has_body else b""
+            rq.authorize(self.headers_lower(), app.settings)
+        body = self._read_body(length, app.settings.max_body_bytes) if self.has_body else b""
         return self.answer(body)
 
     def headers_lower(self) -> dict[str, str]:
         return {k.lower(): v for k, v in self.headers.items()}
 
-    def _read_body(self, limit: int) -> bytes:
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+    # -- framing: every answer leaves a keep-alive connection in step, or closes it ---------------
+
+    def _declared_length(self) -> int | None:
+        """The body length the request declares (None: no body). Exactly one Content-Length of plain
+        digits, or none; anything else could be read two ways, so it is a 400 and the connection closes."""
+        values = self.headers.get_all("content-length") or []
+        if not values:
+            return None
+        raw = values[0].strip()
+        if len(values) != 1 or not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+            self.close_connection = True
+            raise APIError(400, "Invalid Content-Length header: send exactly one, of digits only",
+                           code="invalid_request")
+        if "transfer-encoding" in self.headers:
+            self.close_connection = True
+            raise APIError(400, "A request may not have both Content-Length and Transfer-Encoding",
+                           code="invalid_request")
+        return int(raw)
+
+    def _read_body(self, length: int | None, limit: int) -> bytes:
+        if "transfer-encoding" in self.headers:
             self.close_connection = True
             raise APIError(411, "Send the body with a Content-Length header (chunked bodies are not accepted)",
                            code="length_required")
-        raw = self.headers.get("content-length")
-        if raw is None:
+        if length is None:
             raise APIError(411, "A Content-Length header is required", code="length_required")
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise APIError(400, "Invalid Content-Length header", code="invalid_request") from None
         if length > limit:
             # Refuse before reading: never buffer what a client merely claims to send.
             self.close_connection = True
             raise APIError(413, f"The request body is {length} bytes; at most {limit} are allowed",
                            code="request_too_large")
-        return self.rfile.read(length)
-
-    def _drain(self) -> None:
-        """Read a small body we will not use, so keep-alive stays in step; close on anything large."""
-        try:
-            length = int(self.headers.get("content-length") or 0)
-        except ValueError:
-            length = -1
-        if 0 <= length <= 64 * 1024:
-            self.rfile.read(length)
-        else:
+        self._body_read = True
+        body = self.rfile.read(length)
+        if len(body) != length:
             self.close_connection = True
+            raise APIError(400, f"The request body ended after {len(body)} of the {length} bytes its "
+                                "Content-Length declared", code="invalid_request")
+        return body
+
+    def _settle_body(self) -> None:
+        """A body this answer did not use is read and dropped (a small one) or the connection closes:
+        left unread, it would be taken for the next request on the connection."""
+        if self._body_read or self.close_connection:
+            return
+        if "transfer-encoding" in self.headers:
+            self.close_connection = True
+            return
+        try:
+            length = self._declared_length() or 0
+            if length > _MAX_DRAIN or len(self.rfile.read(length)) != length:
+                self.close_connection = True
+        except (APIError, OSError):
+            self.close_connection = True
+
+    # -- http.server's own errors (bad request line, 414, 431, unknown method) in OpenAI's shape -----
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # never answer without a status line and headers
+        if code == 501:  # http.server's answer to a method it has no do_ method for
+            err = APIError(405, f"Method {str(self.command)[:32]!r} is not allowed here; use {self.allowed()}",
+                           code="method_not_allowed", headers={"allow": self.allowed()})
+        else:
+            reason = _HTTP_ERRORS.get(code) or f"Bad request ({(message or '')[:120]})"
+            err = APIError(code, reason, code="invalid_request")
+        self._send(rq.error_response(err))
+
+    def allowed(self) -> str:
+        return self.method
 
     # -- CORS --------------------------------------------------------------------------------
 
     def _allowed_origin(self) -> str | None:
-        origin = self.headers.get("origin")
+        headers = getattr(self, "headers", None)  # absent when the request line itself was refused
+        origin = headers.get("origin") if headers is not None else None
         if not origin:
             return None
         try:
@@ -130,7 +176,6 @@ class Endpoint(BaseHTTPRequestHandler):
         return origin if origin in allowed or "*" in allowed else None
 
     def _preflight(self) -> rq.Response:
-        self._drain()
         origin = self._allowed_origin()
         if origin is None:
             return rq.Response(204, b"")
@@ -144,7 +189,7 @@ class Endpoint(BaseHTTPRequestHandler):
 
     def _send(self, response: rq.Response) -> None:
         self.send_response(response.status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", response.content_type)
         self.send_header("content-length", str(len(response.body)))
         origin = self._allowed_origin()
         if origin is not None:
@@ -198,7 +243,7 @@ class NotFoundEndpoint(Endpoint):
     """What the dev server answers for a path no route matches."""
 
     def _respond(self) -> rq.Response:
-        self._drain()
+        self._declared_length()
         raise APIError(404, f"Unknown path {self.path.split('?')[0]!r}; POST /v1/embeddings",
                        code="not_found")
 

@@ -29,6 +29,7 @@ class Response:
     inputs: int = 0  # for the access log
     hits: int = 0
     misses: int = 0
+    content_type: str = "application/json"
 
 
 def error_response(err: APIError) -> Response:

@@ -7,7 +7,9 @@ This is the `CacheBackedEmbeddings` idea made per-input and batch-wise:
    a tier that errors is skipped and logged, never fatal; a stored vector of the
    wrong length or not finite is a miss (and is replaced when recomputed);
 3. the misses go to the provider in batches that respect its limits; a miss that
-   another thread of this process is already computing is waited for, not paid twice;
+   another thread of this process is already computing is waited for, not paid twice
+   (and a miss whose computation finished between our lookup and our claim is looked up
+   again before it is paid for);
 4. each batch is validated and written to every tier as soon as it arrives, so a later
    failure loses nothing already paid for;
 5. the answer is reassembled in input order.
@@ -50,6 +52,7 @@ class EmbeddingService:
         self.timeout_s = timeout_s
         self._inflight: dict[str, Future[bytes]] = {}
         self._inflight_lock = threading.Lock()
+        self._landed = 0  # flights finished so far: a claim made after one landed must look again
 
     def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None,
               deadline: Deadline | None = None) -> Result:
@@ -62,19 +65,23 @@ class EmbeddingService:
             distinct.setdefault(key, item)
 
         expected = dimensions or model.dimensions
-        found, errors = self._lookup(list(distinct), model.id, expected)
-        hits = len(found)
+        landed = self._landed
+        found, errors = self._lookup(list(distinct), model.id, expected, deadline)
         missing = [k for k in distinct if k not in found]
         tokens = 0
         if missing:
-            computed, tokens, put_errors = self._compute(missing, distinct, model, dimensions, deadline)
+            computed, late_hits, tokens, more_errors = self._compute(missing, distinct, model, dimensions,
+                                                                     deadline, landed)
+            found.update(late_hits)
             found.update(computed)
-            errors += [e for e in put_errors if e not in errors]
-        return Result([found[k] for k in keys], hits, len(missing), tokens, errors)
+            errors += [e for e in more_errors if e not in errors]
+            missing = [k for k in missing if k not in late_hits]
+        return Result([found[k] for k in keys], len(distinct) - len(missing), len(missing), tokens, errors)
 
     # -- cache tiers -------------------------------------------------------------------------
 
-    def _lookup(self, keys: list[str], model: str, expected: int | None) -> tuple[dict[str, bytes], list[str]]:
+    def _lookup(self, keys: list[str], model: str, expected: int | None,
+                deadline: Deadline) -> tuple[dict[str, bytes], list[str]]:
         found: dict[str, bytes] = {}
         errors: list[str] = []
         remaining = keys
@@ -82,7 +89,7 @@ class EmbeddingService:
             if not remaining:
                 break
             try:
-                got = tier.get_many(remaining)
+                got = tier.get_many(remaining, deadline)
             except Exception as exc:  # the cache is a speed layer: any failure is a miss
                 log.warning("cache %s get failed: %s", tier.name, type(exc).__name__)
                 errors.append(tier.name)
@@ -100,15 +107,16 @@ class EmbeddingService:
                 log.warning("cache %s: ignored %d invalid vector(s)", tier.name, len(got) - len(good))
             if good and depth > 0:
                 # Warm the faster tiers in front with what the slower one had.
-                self._put(self.tiers[:depth], [Entry(k, model, len(v) // 4, v) for k, v in good.items()], errors)
+                self._put(self.tiers[:depth], [Entry(k, model, len(v) // 4, v) for k, v in good.items()], errors,
+                          deadline)
             found.update(good)
             remaining = [k for k in remaining if k not in good]
         return found, errors
 
-    def _put(self, tiers: Sequence[Cache], entries: list[Entry], errors: list[str]) -> None:
+    def _put(self, tiers: Sequence[Cache], entries: list[Entry], errors: list[str], deadline: Deadline) -> None:
         for tier in tiers:
             try:
-                tier.put_many(entries)
+                tier.put_many(entries, deadline)
             except Exception as exc:
                 log.warning("cache %s put failed: %s", tier.name, type(exc).__name__)
                 if tier.name not in errors:
@@ -117,7 +125,8 @@ class EmbeddingService:
     # -- provider --------------------------------------------------------------------------------
 
     def _compute(self, keys: list[str], distinct: dict[str, Item], model: ModelSpec, dimensions: int | None,
-                 deadline: Deadline) -> tuple[dict[str, bytes], int, list[str]]:
+                 deadline: Deadline, landed: int) -> tuple[dict[str, bytes], dict[str, bytes], int, list[str]]:
+        """Returns (computed or waited for, found late in the tiers, tokens billed, tiers that failed)."""
         # Single flight: claim the keys nobody in this process is computing; wait for the rest.
         mine: dict[str, Future[bytes]] = {}
         theirs: dict[str, Future[bytes]] = {}
@@ -128,11 +137,18 @@ class EmbeddingService:
                     mine[k] = self._inflight[k] = Future()
                 else:
                     theirs[k] = fut
+            look_again = self._landed != landed
         results: dict[str, bytes] = {}
+        late: dict[str, bytes] = {}
         errors: list[str] = []
         tokens = 0
         failure: BaseException | None = None
         try:
+            if mine and look_again:
+                # A flight landed between our lookup and our claim: what it cached is not to be paid twice.
+                late, errors = self._lookup(list(mine), model.id, dimensions or model.dimensions, deadline)
+                for k, vector in late.items():
+                    mine.pop(k).set_result(vector)
             if mine:
                 tokens = self._call_provider(list(mine), distinct, model, dimensions, deadline, mine, results, errors)
         except BaseException as exc:
@@ -140,18 +156,21 @@ class EmbeddingService:
             raise
         finally:
             with self._inflight_lock:
+                for k in late:
+                    self._inflight.pop(k, None)
                 for k, fut in mine.items():
                     self._inflight.pop(k, None)
                     if not fut.done():  # whoever waits on this input gets the same error we do
                         fut.set_exception(failure or ProviderError(502, "The embedding provider failed",
                                                                    retryable=False, code="provider_error"))
+                self._landed += 1
         for k, fut in theirs.items():
             try:
                 results[k] = fut.result(timeout=deadline.remaining())
             except FutureTimeout:
                 raise ProviderError(504, "Timed out waiting for the embedding provider", retryable=False,
                                     code="provider_timeout") from None
-        return results, tokens, errors
+        return results, late, tokens, errors
 
     def _call_provider(self, keys: list[str], distinct: dict[str, Item], model: ModelSpec, dimensions: int | None,
                        deadline: Deadline, futures: dict[str, Future[bytes]], results: dict[str, bytes],
@@ -160,11 +179,15 @@ class EmbeddingService:
         batches = self.provider.plan(items, model)
 
         def run(batch: list[int]) -> int:
+            if deadline.expired():  # no work starts that would end past the deadline
+                raise ProviderError(504, f"The request ran out of its {deadline.seconds:g} s deadline before all "
+                                    "inputs were embedded (those done are cached: retry to finish)",
+                                    retryable=False, code="provider_timeout")
             out = self.provider.embed([items[i] for i in batch], model, dimensions, deadline)
             vectors = self._validated(out.vectors, len(batch), model, dimensions)
             entries = [Entry(keys[i], model.id, len(v) // 4, v) for i, v in zip(batch, vectors)]
             # Cache each batch as soon as it is paid for: a later failure must not lose it.
-            self._put(self.tiers, entries, errors)
+            self._put(self.tiers, entries, errors, deadline)
             for e in entries:
                 results[e.key] = e.vector
                 futures[e.key].set_result(e.vector)

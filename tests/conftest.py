@@ -117,8 +117,8 @@ def serve() -> Iterator[callable]:
 
     servers = []
 
-    def start() -> Running:
-        server = make_server("127.0.0.1", 0)
+    def start(**options: object) -> Running:
+        server = make_server("127.0.0.1", 0, **options)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers.append(server)
         return Running(f"http://127.0.0.1:{server.server_address[1]}")

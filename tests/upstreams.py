@@ -30,13 +30,15 @@ def vector_for(model: str, item: Any, dims: int) -> np.ndarray:
 
 @dataclass
 class Scripted:
-    """One scripted answer: status, JSON body (or raw bytes), headers, and an optional delay."""
+    """One scripted answer: status, JSON body (or raw bytes), headers, an optional delay before the
+    answer, and an optional trickle (headers at once, then the body one byte every `trickle` seconds)."""
 
     status: int
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     raw: bytes | None = None
+    trickle: float = 0.0
 
 
 class Upstream:
@@ -62,8 +64,27 @@ class Upstream:
                     if scripted.delay:
                         time.sleep(scripted.delay)
                     status, payload, headers, raw = scripted.status, scripted.body, scripted.headers, scripted.raw
+                    if payload is None and raw is None:
+                        payload = upstream.answer(self.path, body)  # the right answer, however it is sent
                 data = raw if raw is not None else json.dumps(payload).encode()
-                self.send(status, data, headers=headers)
+                if scripted is not None and scripted.trickle:
+                    self.trickle(status, data, scripted.trickle)
+                else:
+                    self.send(status, data, headers=headers)
+
+            def trickle(self, status: int, data: bytes, every: float) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.flush()
+                    for i in range(len(data)):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(every)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
         self.server = serve(Handler)
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..deadline import Deadline
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -27,11 +29,12 @@ class Cache(Protocol):
     # hits are not checked again. Anything stored outside the process is checked on every read.
     trusted: bool
 
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
-        """The vectors found for `keys` (absent keys are simply missing). One round trip."""
+    def get_many(self, keys: Sequence[str], deadline: Deadline | None = None) -> Mapping[str, bytes]:
+        """The vectors found for `keys` (absent keys are simply missing). One round trip, and no wait
+        past a fraction of the deadline's time left: a slow cache is a miss, not a stall."""
         ...
 
-    def put_many(self, entries: Sequence[Entry]) -> int:
+    def put_many(self, entries: Sequence[Entry], deadline: Deadline | None = None) -> int:
         """Store entries that are not there yet; returns how many were new. One round trip."""
         ...
 
@@ -46,10 +49,10 @@ class NoCache:
     name = "none"
     trusted = True
 
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+    def get_many(self, keys: Sequence[str], deadline: Deadline | None = None) -> Mapping[str, bytes]:
         return {}
 
-    def put_many(self, entries: Sequence[Entry]) -> int:
+    def put_many(self, entries: Sequence[Entry], deadline: Deadline | None = None) -> int:
         return 0
 
     def ping(self) -> bool:

@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
+from ..deadline import Deadline
 from .base import Entry
 
 _OVERHEAD = 120  # rough bytes per entry beyond the vector: key string, dict slot
@@ -28,7 +29,7 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+    def get_many(self, keys: Sequence[str], deadline: Deadline | None = None) -> Mapping[str, bytes]:
         found: dict[str, bytes] = {}
         with self._lock:
             items = self._items
@@ -39,7 +40,7 @@ class MemoryCache:
                     found[key] = vec
         return found
 
-    def put_many(self, entries: Sequence[Entry]) -> int:
+    def put_many(self, entries: Sequence[Entry], deadline: Deadline | None = None) -> int:
         new = 0
         with self._lock:
             for e in entries:

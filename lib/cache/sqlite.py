@@ -2,6 +2,12 @@
 
 WAL journaling makes each write batch one atomic transaction, so a process killed
 mid-write leaves only whole rows behind; readers never wait for writers.
+
+Connections come from a small pool (a thread that ends leaves nothing open behind it),
+and every wait for another writer's lock is bounded by the request's deadline: the
+cache is a speed layer, so on doubt the service skips it (and says `x-cache-error`)
+rather than make the caller wait. A file that turns out broken (truncated, replaced,
+deleted) is reopened from scratch on the next call, without a restart.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
+from ..deadline import Deadline
 from .base import Entry
 
 _SCHEMA = """
@@ -33,6 +41,9 @@ WHERE length(embedding_cache.vector) != length(excluded.vector)
 """
 
 _CHUNK = 500  # stay well below SQLite's bound-parameter limit
+POOL_SIZE = 8  # idle connections kept; more may be open at once under load, and are closed after use
+MAX_WAIT_S = 1.0  # the longest a request waits for another writer's lock (a quarter of its time left, at most)
+DEFAULT_WAIT_S = 5.0  # without a deadline (direct use, the command line)
 
 
 class SQLiteCache:
@@ -43,51 +54,128 @@ class SQLiteCache:
         self.path = path
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._local = threading.local()
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped when the file is found broken: older connections are not reused
+        self._identity: tuple[int, int, bool] | None = None  # (device, inode) of the file our connections have open
         # Connections (and the schema) are made on first use, so a broken file degrades requests
         # to cache misses instead of stopping the server from starting.
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(_SCHEMA)
-            except sqlite3.Error:
-                conn.close()
-                raise
-            self._local.conn = conn
+    def _open(self, wait: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=wait, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._identity = _identity(self.path)
         return conn
 
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
-        conn = self._conn()
+    def _acquire(self, wait: float) -> tuple[sqlite3.Connection, int]:
+        identity = _identity(self.path)
+        with self._lock:
+            if identity != self._identity:  # deleted or replaced under us: our connections hold the old file
+                self._generation += 1
+                stale, self._idle = self._idle, []
+            else:
+                stale = []
+            conn = self._idle.pop() if self._idle else None
+            generation = self._generation
+        for old in stale:
+            old.close()
+        if conn is not None:
+            return conn, generation
+        try:
+            return self._open(wait), generation
+        except sqlite3.DatabaseError:
+            # A file truncated or rewritten under us: our own older connections hold its locks and a stale
+            # view of it. Let them all go and open afresh (those in use are closed when they come back).
+            # Idle ones close at once; a second long wait would only be for those in use.
+            self._forget_all()
+            with self._lock:
+                generation = self._generation
+            return self._open(min(wait, 0.05)), generation
+
+    @contextmanager
+    def _connection(self, deadline: Deadline | None) -> Iterator[sqlite3.Connection]:
+        wait = DEFAULT_WAIT_S if deadline is None else max(0.001, min(MAX_WAIT_S, deadline.remaining() / 4))
+        conn, generation = self._acquire(wait)
+        healthy = False
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {max(1, int(wait * 1000))}")
+            yield conn
+            healthy = True
+        except sqlite3.DatabaseError as exc:
+            if not _is_lock_wait(exc):
+                self._forget_all()  # the file itself is suspect: reopen from scratch next time
+            else:
+                healthy = True
+            raise
+        finally:
+            with self._lock:
+                keep = healthy and generation == self._generation and len(self._idle) < POOL_SIZE
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self._generation += 1
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def close(self) -> None:
+        self._forget_all()
+
+    def get_many(self, keys: Sequence[str], deadline: Deadline | None = None) -> Mapping[str, bytes]:
         found: dict[str, bytes] = {}
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for key, vector in conn.execute(
-                f"SELECT key, vector FROM embedding_cache WHERE key IN ({marks})", chunk
-            ):
-                found[key] = vector
+        with self._connection(deadline) as conn:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for key, vector in conn.execute(
+                    f"SELECT key, vector FROM embedding_cache WHERE key IN ({marks})", chunk
+                ):
+                    found[key] = vector
         return found
 
-    def put_many(self, entries: Sequence[Entry]) -> int:
+    def put_many(self, entries: Sequence[Entry], deadline: Deadline | None = None) -> int:
         if not entries:
             return 0
-        conn = self._conn()
-        now = time.time()
-        before = conn.total_changes
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(_PUT, [(e.key, e.model, e.dimensions, e.vector, now) for e in entries])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return conn.total_changes - before
+        with self._connection(deadline) as conn:
+            now = time.time()
+            before = conn.total_changes
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_PUT, [(e.key, e.model, e.dimensions, e.vector, now) for e in entries])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return conn.total_changes - before
 
     def ping(self) -> bool:
-        self._conn().execute("SELECT 1").fetchone()
+        with self._connection(Deadline(2.0)) as conn:
+            conn.execute("SELECT 1").fetchone()
         return True
+
+
+def _identity(path: str) -> tuple[int, int, bool] | None:
+    """Which file the path names now. A WAL database is never empty once opened (its header says WAL),
+    so an empty file is one truncated under us."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size == 0
+
+
+def _is_lock_wait(exc: sqlite3.DatabaseError) -> bool:
+    """Another writer held the lock past our wait: the file is fine, this call was just unlucky."""
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)

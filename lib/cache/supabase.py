@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..deadline import Deadline
 from .base import Entry
 
 GET_FN = "embedding_cache_get"
@@ -81,8 +82,9 @@ class SupabaseCache:
                                              "Content-Type": "application/json"})
             return self._client
 
-    def _rpc(self, fn: str, params: dict[str, Any], binary: bool = False) -> Any:
-        """One RPC, retried once on a transient failure (no client retries a POST by itself)."""
+    def _rpc(self, fn: str, params: dict[str, Any], binary: bool = False, deadline: Deadline | None = None) -> Any:
+        """One RPC, retried once on a transient failure (no client retries a POST by itself). Each attempt
+        waits at most the configured timeout, and never more than half the request's time left."""
         import httpx
         from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
@@ -97,7 +99,11 @@ class SupabaseCache:
         body = json.dumps(params, separators=(",", ":"))
 
         def once() -> Any:
-            response = client.post(url, content=body, headers=_BINARY if binary else None)
+            timeout = self._timeout_s if deadline is None else min(self._timeout_s, deadline.remaining() / 2)
+            if timeout < 0.01:
+                raise SupabaseError(f"{fn} skipped: no time left in the request", transient=False)
+            response = client.post(url, content=body, headers=_BINARY if binary else None,
+                                   timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)))
             if response.status_code >= 400:
                 raise SupabaseError.from_response(fn, response)
             if binary:
@@ -116,27 +122,27 @@ class SupabaseCache:
         except ValueError:
             raise SupabaseError(f"{fn} answered something that is not JSON") from None
 
-    def get_many(self, keys: Sequence[str]) -> Mapping[str, bytes]:
+    def get_many(self, keys: Sequence[str], deadline: Deadline | None = None) -> Mapping[str, bytes]:
         if not keys:
             return {}
         if self._packed:
             try:
-                return _unpack(self._rpc(GET_PACKED_FN, {"keys": list(keys)}, binary=True))
+                return _unpack(self._rpc(GET_PACKED_FN, {"keys": list(keys)}, binary=True, deadline=deadline))
             except SupabaseError as exc:
                 if exc.status not in (404, 406, 415):
                     raise
                 # An older migration or a PostgREST without binary output: use the JSON function from now on.
                 self._packed = False
-        rows = self._rpc(GET_FN, {"keys": list(keys)}) or []
+        rows = self._rpc(GET_FN, {"keys": list(keys)}, deadline=deadline) or []
         b64decode = base64.b64decode
         return {row["key"]: b64decode(row["vector"]) for row in rows}
 
-    def put_many(self, entries: Sequence[Entry]) -> int:
+    def put_many(self, entries: Sequence[Entry], deadline: Deadline | None = None) -> int:
         if not entries:
             return 0
         payload = [{"key": e.key, "model": e.model, "dimensions": e.dimensions,
                     "vector": base64.b64encode(e.vector).decode("ascii")} for e in entries]
-        return int(self._rpc(PUT_FN, {"entries": payload}) or 0)
+        return int(self._rpc(PUT_FN, {"entries": payload}, deadline=deadline) or 0)
 
     def ping(self) -> bool:
         self._rpc(GET_FN, {"keys": []})

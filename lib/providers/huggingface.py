@@ -20,8 +20,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..deadline import Deadline
-from ..errors import ProviderError, scrub
+from ..deadline import Deadline, run_within
+from ..errors import ProviderError, parse_retry_after, upstream_reason
 from ..models import ModelSpec
 from ..retry import call_with_retries
 from ..vectors import from_floats
@@ -75,9 +75,21 @@ class HuggingFaceProvider:
         if timeout <= 0:
             raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
                                 code="provider_timeout")
+        client = self._http()
+
+        def fetch(gave_up: threading.Event) -> httpx.Response:
+            # Streamed so that a body trickled past the deadline is abandoned between chunks.
+            with client.stream("POST", url, json=body, timeout=timeout) as response:
+                chunks = []
+                for chunk in response.iter_bytes():
+                    if gave_up.is_set():
+                        break
+                    chunks.append(chunk)
+                return httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks))
+
         try:
-            response = self._http().post(url, json=body, timeout=timeout)
-        except httpx.TimeoutException:
+            response = run_within(fetch, timeout)
+        except (TimeoutError, httpx.TimeoutException):
             raise ProviderError(504, "The embedding provider timed out", retryable=True,
                                 code="provider_timeout") from None
         except httpx.TransportError:
@@ -129,26 +141,18 @@ def _status_error(response: Any, model_id: str) -> ProviderError:
     except ValueError:
         payload = {}
     err = payload.get("error") if isinstance(payload, dict) else None
-    message = err if isinstance(err, str) else (str(err.get("message", "")) if isinstance(err, dict) else "")
-    retry_after = None
-    raw = response.headers.get("retry-after")
-    if raw:
-        try:
-            retry_after = float(raw)
-        except ValueError:
-            pass
+    message = err if isinstance(err, str) else (err.get("message") if isinstance(err, dict) else None)
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
     if status == 503 and isinstance(payload, dict) and "estimated_time" in payload:
-        try:
-            wait = float(payload["estimated_time"])
-        except (TypeError, ValueError):
-            wait = 5.0
+        wait = parse_retry_after(payload["estimated_time"])
+        wait = 5.0 if wait is None else wait
         return ProviderError(503, f"The model '{model_id}' is loading on the provider; retry shortly",
                              retryable=True, code="model_loading", retry_after=wait)
     if status == 429:
         return ProviderError(429, "The embedding provider is rate limiting this server; retry later",
                              retryable=True, code="rate_limit_exceeded", retry_after=retry_after, type="requests")
     if status in (400, 413, 422):
-        return ProviderError(400, f"The embedding provider rejected the input: {scrub(message)[:500]}", retryable=False,
+        return ProviderError(400, f"The embedding provider rejected the input: {upstream_reason(message)}", retryable=False,
                              code="invalid_input", type="invalid_request_error")
     if status in (401, 403):
         return ProviderError(502, "The embedding provider rejected the server's key", retryable=False,

@@ -10,15 +10,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..deadline import Deadline
 from ..errors import ProviderError
 from ..models import MINILM, ModelSpec
-from .base import Batch, Item, chunk_by_limits
+from .base import Batch, Item, chunk_by_limits, estimate_tokens
 
-BATCH_SIZE = 64
+BATCH_SIZE = 32  # also the unit of work between deadline checks
+BATCH_TOKENS = 50_000  # estimated tokens per batch: a few 50,000-character texts, whose tokenizing dominates
 
 
 def available() -> bool:
@@ -42,6 +44,7 @@ class LocalProvider:
     def __init__(self) -> None:
         self._models: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._seconds_per_token = 0.0  # measured on this machine: what a batch is predicted to take
 
     def _model(self, model_id: str) -> Any:
         with self._lock:
@@ -64,8 +67,8 @@ class LocalProvider:
         return {}
 
     def plan(self, items: Sequence[Item], model: ModelSpec) -> list[list[int]]:
-        # One call: sentence-transformers batches internally, sorted by length.
-        return chunk_by_limits(items, 4096, 10**9)
+        # Batches of BATCH_SIZE: the service checks the deadline before each and caches each as it lands.
+        return chunk_by_limits(items, BATCH_SIZE, BATCH_TOKENS)
 
     def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None, deadline: Deadline) -> Batch:
         st = self._model(model.id)
@@ -73,7 +76,21 @@ class LocalProvider:
         if len(texts) != len(items):
             raise ProviderError(400, "Token-id inputs are only accepted by OpenAI models", retryable=False,
                                 code="invalid_input", type="invalid_request_error")
-        with self._lock:
+        # Encoding is serialised (torch already uses every core); a request waits its turn only while it has time.
+        if not self._lock.acquire(timeout=deadline.remaining()):
+            raise ProviderError(504, "The local model was busy with other requests past this request's deadline",
+                                retryable=False, code="provider_timeout")
+        try:
+            tokens = sum(estimate_tokens(t) for t in texts)
+            if self._seconds_per_token * tokens >= deadline.remaining():
+                raise ProviderError(504, "Not enough time left in the request to run the local model on the rest "
+                                    "of its inputs", retryable=False, code="provider_timeout")
+            started = time.perf_counter()
             array = st.encode(texts, batch_size=BATCH_SIZE, convert_to_numpy=True, show_progress_bar=False)
+            rate = (time.perf_counter() - started) / tokens
+            # The slower of this batch and a decaying memory of the last ones: predictions err on the long side.
+            self._seconds_per_token = max(rate, 0.8 * self._seconds_per_token)
+        finally:
+            self._lock.release()
         array = array.astype("<f4", copy=False)
         return Batch([row.tobytes() for row in array], 0)

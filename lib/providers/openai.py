@@ -4,6 +4,13 @@ The SDK is imported on the first miss, never on a cache hit (it costs about a
 second to import). Its own retries are off: ours (`lib.retry`) honour the
 deadline and never retry what cannot succeed. We ask for base64 so the bytes we
 cache are exactly the float32 values OpenAI computed.
+
+Two things the SDK does not do for us, because a wrong answer here would be cached for good:
+- one deadline per attempt: the SDK's timeout bounds each socket read, so an upstream that
+  trickles its body a byte at a time never times out. Each attempt is bounded as a whole
+  (`lib.deadline.run_within`);
+- a strict reading of the answer: every index 0..n-1 exactly once, a finite integer usage,
+  vectors as base64 or numbers. Anything else is `provider_malformed`, and nothing is cached.
 """
 
 from __future__ import annotations
@@ -12,8 +19,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..deadline import Deadline
-from ..errors import ProviderError, scrub
+from ..deadline import Deadline, run_within
+from ..errors import ProviderError, parse_retry_after, safe_code, upstream_reason
 from ..models import ModelSpec
 from ..retry import call_with_retries
 from ..vectors import from_base64
@@ -55,39 +62,102 @@ class OpenAIProvider:
         payload = [x if isinstance(x, str) else list(x) for x in items]
 
         def once() -> Batch:
-            return self._call(client, payload, model.id, dimensions, deadline)
+            return self._attempt(client, payload, model.id, dimensions, deadline)
 
         return call_with_retries(once, deadline, what="openai")
 
-    def _call(self, client: Any, payload: list, model: str, dimensions: int | None, deadline: Deadline) -> Batch:
-        import openai
-
-        timeout = min(self._timeout_s, deadline.remaining())
-        if timeout <= 0:
-            raise ProviderError(504, "No time left to call the embedding provider", retryable=False, code="provider_timeout")
-        kwargs: dict[str, Any] = {"input": payload, "model": model, "encoding_format": "base64", "timeout": timeout}
+    def _attempt(self, client: Any, payload: list, model: str, dimensions: int | None, deadline: Deadline) -> Batch:
+        """One call, over by `min(attempt timeout, time left)` whatever the upstream does."""
+        budget = min(self._timeout_s, deadline.remaining())
+        if budget <= 0:
+            raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
+                                code="provider_timeout")
+        kwargs: dict[str, Any] = {"input": payload, "model": model, "encoding_format": "base64", "timeout": budget}
         if dimensions is not None:
             kwargs["dimensions"] = dimensions
         try:
-            answer = client.embeddings.create(**kwargs)
-        except openai.APIStatusError as exc:
-            raise _status_error(exc) from None
-        except openai.APITimeoutError:
-            raise ProviderError(504, "The embedding provider timed out", retryable=True, code="provider_timeout") from None
-        except openai.APIConnectionError:
-            raise ProviderError(502, "Could not connect to the embedding provider", retryable=True,
-                                code="provider_unreachable") from None
-        except ValueError:
-            raise ProviderError(502, "The embedding provider sent a malformed answer", retryable=False,
-                                code="provider_malformed") from None
-        try:
-            data = sorted(answer.data, key=lambda d: d.index)
-            vectors = [from_base64(d.embedding) if isinstance(d.embedding, str) else _floats(d.embedding) for d in data]
-            tokens = int(answer.usage.prompt_tokens) if answer.usage else 0
-        except (AttributeError, TypeError, ValueError):
-            raise ProviderError(502, "The embedding provider sent a malformed answer", retryable=False,
-                                code="provider_malformed") from None
-        return Batch(vectors, tokens)
+            raw = run_within(lambda gave_up: _fetch(client, kwargs, gave_up), budget)
+        except TimeoutError:
+            raise _timed_out() from None
+        return _parse(raw, len(payload))
+
+
+def _timed_out() -> ProviderError:
+    return ProviderError(504, "The embedding provider timed out", retryable=True, code="provider_timeout")
+
+
+def _fetch(client: Any, kwargs: dict[str, Any], gave_up: threading.Event) -> bytes:
+    """The raw answer body (read by us: the SDK's own parse would cost a second copy of every vector)."""
+    import openai
+
+    try:
+        with client.embeddings.with_streaming_response.create(**kwargs) as response:
+            chunks = []
+            for chunk in response.iter_bytes():
+                if gave_up.is_set():
+                    raise _timed_out()
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except openai.APIStatusError as exc:
+        raise _status_error(exc) from None
+    except openai.APITimeoutError:
+        raise _timed_out() from None
+    except openai.APIConnectionError:
+        raise ProviderError(502, "Could not connect to the embedding provider", retryable=True,
+                            code="provider_unreachable") from None
+
+
+def _malformed(why: str) -> ProviderError:
+    return ProviderError(502, f"The embedding provider sent a malformed answer ({why})", retryable=False,
+                         code="provider_malformed")
+
+
+_answer_adapter: Any = None
+
+
+def _answer_model() -> Any:
+    """OpenAI's answer as far as we rely on it (pydantic, strict where a wrong value would be cached)."""
+    global _answer_adapter
+    if _answer_adapter is None:
+        from typing import Optional, Union
+
+        from pydantic import BaseModel, Field, StrictInt, StrictStr, TypeAdapter
+
+        class Item(BaseModel):
+            index: StrictInt
+            embedding: Union[StrictStr, list[float]]
+
+        class Usage(BaseModel):
+            prompt_tokens: StrictInt = Field(ge=0)
+
+        class Answer(BaseModel):
+            data: list[Item]
+            usage: Optional[Usage] = None
+
+        _answer_adapter = TypeAdapter(Answer)
+    return _answer_adapter
+
+
+def _parse(raw: bytes, count: int) -> Batch:
+    from pydantic import ValidationError
+
+    try:
+        answer = _answer_model().validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise _malformed(f"{where}: {first.get('type', 'invalid')}") from None
+    indexes = sorted(d.index for d in answer.data)
+    if indexes != list(range(count)):
+        # A repeated or missing index would hand one input another input's vector, and cache it.
+        shown = ", ".join(map(str, indexes[:8])) + (", ..." if len(indexes) > 8 else "")
+        raise _malformed(f"indexes [{shown}] for {count} inputs")
+    try:
+        vectors = [from_base64(d.embedding) if isinstance(d.embedding, str) else _floats(d.embedding)
+                   for d in sorted(answer.data, key=lambda d: d.index)]
+    except (ValueError, OverflowError):
+        raise _malformed("a vector is neither base64 float32 nor a list of numbers") from None
+    return Batch(vectors, answer.usage.prompt_tokens if answer.usage else 0)
 
 
 def _floats(values: list[float]) -> bytes:
@@ -97,24 +167,21 @@ def _floats(values: list[float]) -> bytes:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    try:
-        if "retry-after-ms" in headers:
-            return float(headers["retry-after-ms"]) / 1000.0
-        if "retry-after" in headers:
-            return float(headers["retry-after"])
-    except ValueError:
-        return None
-    return None
+    ms = parse_retry_after(headers.get("retry-after-ms"))
+    if ms is not None:
+        return parse_retry_after(ms / 1000.0)
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def _status_error(exc: Any) -> ProviderError:
-    """Map OpenAI's answer to what our caller should see. Upstream messages are passed on
-    only for the caller's own mistakes (400/422); never for key problems, which could echo the key."""
+    """Map OpenAI's answer to what our caller should see. From a 400 the caller gets the reason only
+    (scrubbed, bounded) and our code unless OpenAI's is a known-safe token; key problems say nothing
+    of the upstream's text, which could echo the key."""
     status = exc.status_code
     body = exc.body if isinstance(exc.body, dict) else {}
     err = body.get("error", body) if isinstance(body, dict) else {}
     code = err.get("code") if isinstance(err, dict) else None
-    message = str(err.get("message", "")) if isinstance(err, dict) else ""
+    message = err.get("message") if isinstance(err, dict) else None
     retry_after = _retry_after(exc.response.headers)
     if status == 429 and code == "insufficient_quota":
         return ProviderError(502, "The embedding provider refused: the server's account has no quota left",
@@ -123,8 +190,8 @@ def _status_error(exc: Any) -> ProviderError:
         return ProviderError(429, "The embedding provider is rate limiting this server; retry later",
                              retryable=True, code="rate_limit_exceeded", retry_after=retry_after, type="requests")
     if status in (400, 422):
-        return ProviderError(400, f"The embedding provider rejected the input: {scrub(message)[:500]}", retryable=False,
-                             code=code or "invalid_input", type="invalid_request_error")
+        return ProviderError(400, f"The embedding provider rejected the input: {upstream_reason(message)}",
+                             retryable=False, code=safe_code(code, "invalid_input"), type="invalid_request_error")
     if status in (401, 403):
         return ProviderError(502, "The embedding provider rejected the server's key", retryable=False,
                              code="provider_auth")
