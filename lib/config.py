@@ -41,6 +41,7 @@ class Settings:
     max_input_chars: int = 50_000
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
+    extra_fields: str = "reject"  # unknown request fields: "reject" (as OpenAI) or "ignore"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int = 1) -> int:
@@ -143,6 +144,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         max_input_chars=_int(env, "EMBEDDINGS_MAX_INPUT_CHARS", 50_000),
         max_body_bytes=_int(env, "EMBEDDINGS_MAX_BODY_BYTES", 4 * 1024 * 1024),
         cors_origins=tuple(o.strip() for o in env.get("EMBEDDINGS_CORS_ORIGINS", "").split(",") if o.strip()),
+        extra_fields=_choice(env, "EMBEDDINGS_EXTRA_FIELDS", "reject", ("reject", "ignore")),
     )
     if provider == "local":
         from .providers.local import available

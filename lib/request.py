@@ -76,23 +76,24 @@ def _digests(keys: tuple[str, ...]) -> tuple[bytes, ...]:
 
 # -- embeddings ------------------------------------------------------------------------------
 
-_INPUT_SHAPE = ("'input' must be a non-empty string, an array of non-empty strings, an array of token ids, "
-                "or an array of arrays of token ids")
+_INPUT_SHAPE = ("'input' must be a non-empty string, an array of non-empty strings, an array of token ids "
+                "(integers), or an array of arrays of token ids")
 
 
 def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str]:
     """Validate a request body. Returns (inputs, model, dimensions or None for native, encoding format)."""
     from pydantic import ValidationError
 
-    from .schemas import EmbeddingRequest
+    from .schemas import EmbeddingRequest, LenientEmbeddingRequest
 
     s = app.settings
+    schema = LenientEmbeddingRequest if s.extra_fields == "ignore" else EmbeddingRequest
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid("The request body is not valid UTF-8") from None
     try:
-        req = EmbeddingRequest.model_validate_json(text)
+        req = schema.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = first.get("loc") or ()
@@ -101,18 +102,22 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
                           f"{first.get('msg', 'invalid JSON')}. Send a JSON object like "
                           "{\"input\": \"text\", \"model\": \"...\"}") from None
         name = str(loc[0])
+        if first.get("type") == "extra_forbidden":
+            raise invalid(f"Unrecognized request argument supplied: {name[:100]} (the fields are input, model, "
+                          "dimensions, encoding_format and user)", param=name[:100],
+                          code="unknown_parameter") from None
         if name == "input":
             raise invalid(_INPUT_SHAPE, param="input") from None
         if name == "encoding_format":
             raise invalid("'encoding_format' must be 'float' or 'base64'", param="encoding_format") from None
         if name == "dimensions":
-            raise invalid("'dimensions' must be a positive integer", param="dimensions") from None
+            raise invalid(_DIMENSIONS_SHAPE, param="dimensions") from None
         raise invalid(f"'{name}' is invalid: {first.get('msg')}", param=name) from None
 
     raw = req.input
     if isinstance(raw, str):
         items: list[Item] = [raw]
-    elif raw and isinstance(raw[0], int):
+    elif raw and not isinstance(raw[0], (str, list)):
         items = [raw]  # one input given as token ids
     else:
         items = list(raw)
@@ -121,26 +126,40 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
     if len(items) > s.max_inputs:
         raise invalid(f"'input' has {len(items)} items; at most {s.max_inputs} are allowed per request", param="input")
 
-    model = app.registry.get(req.model or app.default_model)
+    if req.model is None:
+        model = app.registry.get(app.default_model)
+    else:
+        model = app.registry.get(req.model)  # "" too: a named model is served as named, or refused
     for i, item in enumerate(items):
         if isinstance(item, str):
             if not item:
                 raise invalid(f"'input[{i}]' is an empty string; every input must contain text", param="input")
             if len(item) > s.max_input_chars:
-                raise invalid(f"'input[{i}]' has {len(item)} characters; at most {s.max_input_chars} are allowed",
-                              param="input", code="input_too_long")
+                raise invalid(f"'input[{i}]' has {len(item)} characters; this server accepts at most "
+                              f"{s.max_input_chars} characters per input (EMBEDDINGS_MAX_INPUT_CHARS, a bound on "
+                              "the request's size, not the model's token limit)", param="input",
+                              code="input_too_long")
         else:
             if not model.accepts_tokens:
-                raise invalid(f"Token-id inputs are only accepted by OpenAI models, not by '{model.id}'",
-                              param="input")
+                raise invalid(f"Token-id inputs are only accepted by OpenAI models, not by '{model.id}'. "
+                              "LangChain's OpenAIEmbeddings sends token ids unless told not to: pass "
+                              "check_embedding_ctx_length=False", param="input")
             if not item:
                 raise invalid(f"'input[{i}]' is an empty token list", param="input")
-            if len(item) > model.max_input_tokens:
-                raise invalid(f"'input[{i}]' has {len(item)} tokens; '{model.id}' accepts at most "
+            tokens = _integral(item)
+            if tokens is None:
+                raise invalid(_INPUT_SHAPE, param="input")
+            items[i] = tokens
+            if len(tokens) > model.max_input_tokens:
+                raise invalid(f"'input[{i}]' has {len(tokens)} tokens; '{model.id}' accepts at most "
                               f"{model.max_input_tokens}", param="input", code="input_too_long")
 
     dimensions = req.dimensions
     if dimensions is not None:
+        if isinstance(dimensions, float):
+            if not dimensions.is_integer():
+                raise invalid(_DIMENSIONS_SHAPE, param="dimensions")
+            dimensions = int(dimensions)
         if not model.flexible_dimensions:
             raise invalid(f"The model '{model.id}' does not support 'dimensions'", param="dimensions")
         if not 1 <= dimensions <= (model.dimensions or 0):
@@ -149,6 +168,23 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
         if dimensions == model.dimensions:
             dimensions = None  # the native size: same vector, same cache entry
     return items, model, dimensions, req.encoding_format or "float"
+
+
+_DIMENSIONS_SHAPE = "'dimensions' must be a positive integer"
+
+
+def _integral(values: list) -> list[int] | None:
+    """Token ids as ints: `1212.0` is the integer 1212 (JSON Schema's reading); `1212.5` is None (refused)."""
+    if all(type(v) is int for v in values):
+        return values
+    out = []
+    for v in values:
+        if isinstance(v, float):
+            if not v.is_integer():
+                return None
+            v = int(v)
+        out.append(v)
+    return out
 
 
 def embeddings(body: bytes, app: App) -> Response:

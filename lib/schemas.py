@@ -9,23 +9,35 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+# JSON Schema's `integer` is any number with a zero fractional part: `256.0` is an integer (Python's
+# `json.dumps(256.0)` sends exactly that). A float is accepted here and must be integral (`lib.request`);
+# `true` and `"256"` stay refused.
+Integer = Union[StrictInt, StrictFloat]
+TokenId = Annotated[Integer, Field(ge=0, le=2**31 - 1)]
 
 
 class EmbeddingRequest(BaseModel):
-    """OpenAI's `POST /v1/embeddings` body. Unknown fields are ignored, as OpenAI does."""
+    """OpenAI's `POST /v1/embeddings` body. Unknown fields are refused, as OpenAI's document says
+    (`additionalProperties: false`) and OpenAI does: a typo such as `dimension` must not pass unnoticed.
+    `EMBEDDINGS_EXTRA_FIELDS=ignore` makes a deployment lenient (see `lib.request.parse`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     input: Union[StrictStr, list[StrictStr], list[TokenId], list[list[TokenId]]] = Field(
         description="A string, an array of strings, an array of token ids, or an array of arrays of token ids."
     )
     model: StrictStr | None = Field(default=None, description="Model id; omitted means the configured default.")
-    dimensions: StrictInt | None = Field(default=None, ge=1, description="Shorter vectors (text-embedding-3 only).")
+    dimensions: Integer | None = Field(default=None, ge=1, description="Shorter vectors (text-embedding-3 only).")
     encoding_format: Literal["float", "base64"] | None = Field(default=None)
     user: StrictStr | None = Field(default=None, description="Accepted and ignored (not part of the cache key).")
+
+
+class LenientEmbeddingRequest(EmbeddingRequest):
+    """The same body with unknown fields ignored (`EMBEDDINGS_EXTRA_FIELDS=ignore`)."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class Embedding(BaseModel):

@@ -382,7 +382,9 @@ def test_local_model_stops_at_the_deadline_and_keeps_what_it_did(monkeypatch, tm
     monkeypatch.setenv("EMBEDDINGS_SQLITE_PATH", str(tmp_path / "cache.sqlite3"))
     monkeypatch.setenv("EMBEDDINGS_TIMEOUT_S", "3")
     server = serve()
-    server.embed({"input": "load the model"})  # may time out while the model loads; it stays loaded
+    for _ in range(3):  # the first call may time out while the model loads; it stays loaded
+        if server.embed({"input": "load the model"}).status_code == 200:
+            break
     long_texts = [[f"{r} {i} " + "word " * 9_990 for i in range(80)] for r in range(2)]
     results: list = [None, None]
 
@@ -395,6 +397,7 @@ def test_local_model_stops_at_the_deadline_and_keeps_what_it_did(monkeypatch, tm
         t.start()
     for t in threads:
         t.join()
+    print([(r.status_code, round(e, 2)) for r, e in results])
     for response, elapsed in results:
         assert response.status_code in (200, 504), response.text
         assert elapsed < 3 + 2.5  # at most one batch of long texts past the deadline, not 25 s

@@ -54,6 +54,11 @@ BAD_BODIES = [
     ({"input": "x", "dimensions": 256, "model": "text-embedding-ada-002"}, "dimensions", "does not support"),
     ({"input": "x", "encoding_format": "hex"}, "encoding_format", "base64"),
     ({"input": "x", "user": 5}, "user", ""),
+    ({"input": "x", "dimensions": 256.5}, "dimensions", "integer"),
+    ({"input": "x", "dimensions": True}, "dimensions", "integer"),
+    ({"input": [1212.5, 318]}, "input", "integers"),
+    ({"input": "x", "model": ""}, "model", "text-embedding-3-small"),
+    ({"input": "x", "dimension": 256}, "dimension", "unrecognized request argument supplied: dimension"),
 ]
 
 
@@ -74,8 +79,13 @@ def test_malformed_bodies(server, fake_openai, raw):
     assert server.embed({"input": "still serving"}).status_code == 200
 
 
-def test_unknown_fields_are_ignored(server):
-    assert server.embed({"input": "x", "something_new": {"a": 1}, "user": "u1"}).status_code == 200
+def test_unknown_fields_are_refused_as_openai_does_unless_configured(server, monkeypatch, fake_openai, tmp_path,
+                                                                     serve):
+    err = assert_error(server.embed({"input": "x", "something_new": {"a": 1}, "user": "u1"}), 400, "something_new")
+    assert err["code"] == "unknown_parameter" and fake_openai.calls == 0
+    openai_env(monkeypatch, fake_openai.url, tmp_path, EMBEDDINGS_EXTRA_FIELDS="ignore")
+    lenient = serve()
+    assert lenient.embed({"input": "x", "something_new": {"a": 1}, "user": "u1"}).status_code == 200
 
 
 def test_unknown_path_and_wrong_method(server):

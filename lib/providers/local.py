@@ -20,6 +20,7 @@ from ..models import MINILM, ModelSpec
 from .base import Batch, Item, chunk_by_limits, estimate_tokens
 
 BATCH_SIZE = 32  # also the unit of work between deadline checks
+_LARGE = 5_000  # estimated tokens from which a batch's time is predicted before it starts
 BATCH_TOKENS = 50_000  # estimated tokens per batch: a few 50,000-character texts, whose tokenizing dominates
 
 
@@ -82,14 +83,16 @@ class LocalProvider:
                                 retryable=False, code="provider_timeout")
         try:
             tokens = sum(estimate_tokens(t) for t in texts)
-            if self._seconds_per_token * tokens >= deadline.remaining():
+            large = tokens >= _LARGE  # small batches are quick whatever the rate; their time is mostly overhead
+            if large and self._seconds_per_token * tokens >= deadline.remaining():
                 raise ProviderError(504, "Not enough time left in the request to run the local model on the rest "
                                     "of its inputs", retryable=False, code="provider_timeout")
             started = time.perf_counter()
             array = st.encode(texts, batch_size=BATCH_SIZE, convert_to_numpy=True, show_progress_bar=False)
-            rate = (time.perf_counter() - started) / tokens
-            # The slower of this batch and a decaying memory of the last ones: predictions err on the long side.
-            self._seconds_per_token = max(rate, 0.8 * self._seconds_per_token)
+            if large:
+                rate = (time.perf_counter() - started) / tokens
+                # The slower of this batch and a decaying memory of the last: predictions err on the long side.
+                self._seconds_per_token = max(rate, 0.8 * self._seconds_per_token)
         finally:
             self._lock.release()
         array = array.astype("<f4", copy=False)
