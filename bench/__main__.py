@@ -8,6 +8,7 @@
 6 cost: upstream calls and inputs sent against distinct texts
 7 memory: peak Python heap of one 2048-input request (tracemalloc)
 8 load: many client threads, all hits and mixed hits and misses, p50 and p99
+9 storage: bytes per cached row in Postgres at 1536 and 3072 dims (heap, TOAST, indexes)
 """
 
 from __future__ import annotations
@@ -354,7 +355,49 @@ def load(s: Setup, rows: list[Row]) -> None:
     proc.kill()
 
 
-SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load}
+# -- 9: storage ------------------------------------------------------------------------------------------
+
+
+def storage(s: Setup, rows: list[Row]) -> None:
+    """Rows of random float32 vectors (real embeddings do not compress either) copied into a table made
+    like `public.embedding_cache` (same columns, constraints, indexes and storage), then measured."""
+    import hashlib
+
+    import numpy as np
+    import psycopg
+
+    s.postgres()
+    n = 10_000 if s.quick else 50_000
+    rng = np.random.default_rng(3)
+    with psycopg.connect(s.pg.dsn, autocommit=True) as conn:
+        for dims in (1536, 3072):
+            count = n if dims == 1536 else n // 2
+            conn.execute("drop table if exists bench_storage")
+            conn.execute("create table bench_storage (like public.embedding_cache including all)")
+            start_t = time.perf_counter()
+            with conn.cursor() as cur, cur.copy("copy bench_storage (key, model, dimensions, vector) from stdin") as cp:
+                for i in range(count):
+                    vec = rng.standard_normal(dims).astype("<f4").tobytes()
+                    cp.write_row((hashlib.sha256(f"{dims}:{i}".encode()).hexdigest(), MODEL, dims, vec))
+            elapsed = time.perf_counter() - start_t
+            conn.execute("vacuum analyze bench_storage")
+            heap, toast, index, total = conn.execute(
+                "select pg_relation_size(c.oid), pg_total_relation_size(c.reltoastrelid), pg_indexes_size(c.oid), "
+                "pg_total_relation_size(c.oid) from pg_class c where c.relname = 'bench_storage'").fetchone()
+            storage_kind = conn.execute("select attstorage from pg_attribute where attrelid = 'bench_storage'::regclass "
+                                        "and attname = 'vector'").fetchone()[0]
+            per_row = total / count
+            rows.append(Row("9", f"Postgres bytes per cached row, {dims} dims ({count:,} rows)", per_row, 0,
+                            unit="B", ratio=per_row / (dims * 4), ratio_to="x the raw vector",
+                            note=f"heap {heap / 1e6:.0f} MB, TOAST {toast / 1e6:.0f} MB, indexes {index / 1e6:.0f} MB; "
+                                 f"storage '{storage_kind}'; a million rows: {per_row * 1e6 / 1e9:.1f} GB; "
+                                 f"copied at {count / elapsed:,.0f} rows/s",
+                            extra={"heap": heap, "toast": toast, "indexes": index, "rows": count}))
+        conn.execute("drop table bench_storage")
+
+
+SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load,
+            "9": storage}
 
 
 def main() -> int:

@@ -1,6 +1,13 @@
 -- 001: the embedding cache table, its access rules, and the functions the backend calls.
 -- Runs unchanged in Supabase's SQL editor, with `psql -f`, or as a Supabase CLI migration.
 -- Idempotent: running it twice is harmless.
+--
+-- The rule for every migration in sql/ (tests/test_supabase.py checks it from the catalogue, after
+-- applying every file twice): everything named embedding_cache* belongs to the service role alone.
+-- Revoke all from public, anon and authenticated on each table and function you create, grant to
+-- service_role, set a fixed search_path = '' on functions, and keep each file idempotent.
+-- Prefer `create or replace`: under Supabase's default privileges a function that is dropped and
+-- created again comes back executable by PUBLIC, anon and authenticated.
 
 create table if not exists public.embedding_cache (
     -- hex SHA-256 of the cache key contract (see README, "The cache key")

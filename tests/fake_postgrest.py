@@ -10,7 +10,13 @@ What it does, as PostgREST does:
 - with `Accept: application/octet-stream`, answers a function returning bytea (or PostgREST's
   media-type domain `"application/octet-stream"` over it) with the raw bytes, and any other with 406;
 - maps errors to PostgREST's JSON (`code`, `message`, `details`, `hint`) and statuses
-  (42501 -> 401 for anon, 403 otherwise; unknown function -> 404 PGRST202; bad JWT -> 401 PGRST301).
+  (42501 -> 401 for anon, 403 otherwise; unknown function -> 404 PGRST202; bad JWT -> 401 PGRST301);
+- caps a set-returning function's rows at `db_max_rows` (1,000, Supabase's default), silently, as PostgREST
+  does for RPCs that are not mutations;
+- as Supabase's API gateway does: requires `apikey`, refuses an `Authorization: Bearer` that is not a JWT
+  unless it equals `apikey` exactly, and takes the role from the bearer JWT, else from `apikey`;
+- with `binary=False`, refuses `Accept: application/octet-stream` with 406 PGRST107 (a PostgREST without
+  the media-type handler), so the JSON path can be tested alone.
 
 What it does not cover: tables and views (`/rest/v1/<table>`), filters, `Prefer` headers, counts,
 schemas other than `public`, overloaded functions, JWT expiry, and anything not used by the backend.
@@ -68,9 +74,12 @@ def role_of(token: str) -> str | None:
 
 
 class FakePostgREST:
-    def __init__(self, dsn: str, pool_size: int = 8) -> None:
+    def __init__(self, dsn: str, pool_size: int = 8, *, db_max_rows: int = 1000, binary: bool = True) -> None:
         self.dsn = dsn
+        self.db_max_rows = db_max_rows
+        self.binary = binary
         self.calls: Counter[str] = Counter()
+        self.headers: list[dict[str, str]] = []  # what each request carried (to check how keys are sent)
         self._pool: queue.Queue[psycopg.Connection] = queue.Queue()
         self._pool_size = pool_size
         self._meta: dict[str, tuple[bool, list[str], list[str], bool]] = {}
@@ -156,11 +165,15 @@ class FakePostgREST:
         fn = path.removeprefix("/rest/v1/rpc/")
         with self._lock:
             self.calls[fn] += 1
+            self.headers.append(dict(headers))
         if "apikey" not in headers:
             return 401, {"message": "No API key found in request", "hint": "No `apikey` request header or url "
                          "param was found."}
         auth = headers.get("authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else headers["apikey"]
+        if token.startswith("sb_") and token != headers["apikey"]:
+            return 401, {"message": "Invalid authorization header: a bearer token that is not a JWT must equal "
+                         "the apikey", "hint": None}
         role = role_of(token)
         if role is None:
             return 401, {"code": "PGRST301", "message": "Invalid JWT", "details": None, "hint": None}
@@ -176,7 +189,7 @@ class FakePostgREST:
                              "details": None, "hint": None}
             retset, names, types, returns_bytea = sig
             binary = "application/octet-stream" in headers.get("accept", "")
-            if binary and (retset or not returns_bytea):
+            if binary and (retset or not returns_bytea or not self.binary):
                 return 406, {"code": "PGRST107", "message": "None of these media types are available: "
                              "application/octet-stream", "details": None, "hint": None}
             parts, values = [], []
@@ -189,7 +202,7 @@ class FakePostgREST:
             if binary:
                 sql = f"select {call}::bytea"
             elif retset:
-                sql = f"select coalesce(json_agg(r), '[]'::json)::text from {call} r"
+                sql = f"select coalesce(json_agg(r), '[]'::json)::text from (select * from {call} limit {self.db_max_rows}) r"
             else:
                 sql = f"select to_json({call})::text"
             with conn.transaction():

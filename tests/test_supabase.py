@@ -42,7 +42,7 @@ def test_functions_have_a_fixed_search_path(pg):
     out = pg.psql("-At", "-c", "select proname, proconfig from pg_proc where proname like 'embedding_cache_%' "
                                "order by proname")
     lines = out.strip().splitlines()
-    assert len(lines) == 4 and all("search_path=" in line for line in lines)
+    assert len(lines) >= 4 and all("search_path=" in line for line in lines)
 
 
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
@@ -270,3 +270,100 @@ def test_supabase_is_the_default_when_the_url_is_set(monkeypatch, fake_openai, r
     monkeypatch.delenv("SUPABASE_SECRET_KEY")
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", make_jwt("service_role"))
     assert config.load().supabase_key.startswith("eyJ")
+
+
+# -- issue 10: row cap, key kinds, storage, privileges after every migration --------------------------------
+
+
+@pytest.fixture
+def json_only_rest(pg):
+    """A PostgREST that cannot answer in binary (no media-type handler), with Supabase's db-max-rows of 1,000."""
+    from tests.fake_postgrest import FakePostgREST
+
+    pg.psql("-c", "truncate public.embedding_cache")
+    server = FakePostgREST(pg.dsn_as("authenticator"), binary=False, db_max_rows=1000)
+    yield server
+    server.close()
+
+
+def test_the_stand_in_caps_set_returning_rpcs_like_postgrest(json_only_rest):
+    import httpx
+
+    cache = SupabaseCache(json_only_rest.url, SERVICE_KEY)
+    entries = [entry(i) for i in range(1200)]
+    cache.put_many(entries)
+    raw = httpx.post(f"{json_only_rest.url}/rest/v1/rpc/embedding_cache_get", json={"keys": [e.key for e in entries]},
+                     headers={"apikey": SERVICE_KEY})
+    assert len(raw.json()) == 1000  # what an unchunked read would silently get
+
+
+def test_a_2048_key_read_over_json_returns_every_row_and_pays_nothing(monkeypatch, fake_openai, json_only_rest,
+                                                                      serve):
+    supabase_env(monkeypatch, fake_openai.url, json_only_rest.url, EMBEDDINGS_MEMORY_CACHE_MB="0")
+    server = serve()
+    texts = [f"chunk {i}" for i in range(2048)]
+    first = server.embed({"input": texts, "encoding_format": "base64"})
+    assert first.status_code == 200 and first.headers["x-cache-misses"] == "2048"
+    calls = fake_openai.calls
+    json_only_rest.calls.clear()
+    again = server.embed({"input": texts, "encoding_format": "base64"})
+    assert again.headers["x-cache-hits"] == "2048" and again.headers["x-cache-misses"] == "0"
+    assert fake_openai.calls == calls  # no input paid for twice
+    assert json_only_rest.calls["embedding_cache_get"] == 3  # 1000 + 1000 + 48
+    assert [vec(d) for d in again.json()["data"]] == [vec(d) for d in first.json()["data"]]
+
+
+def test_each_kind_of_key_is_sent_as_supabase_wants_it(rest):
+    SupabaseCache(rest.url, SERVICE_KEY).get_many([entry(1).key])
+    sent = rest.headers[-1]
+    assert sent["apikey"] == SERVICE_KEY and "authorization" not in sent  # sb_secret_...: apikey alone
+    legacy = make_jwt("service_role")
+    SupabaseCache(rest.url, legacy).get_many([entry(1).key])
+    sent = rest.headers[-1]
+    assert sent["apikey"] == legacy and sent["authorization"] == f"Bearer {legacy}"  # a JWT: both
+    # The gateway's rule the first form avoids: a non-JWT bearer that differs from apikey is refused.
+    import httpx
+
+    refused = httpx.post(f"{rest.url}/rest/v1/rpc/embedding_cache_get", json={"keys": []},
+                         headers={"apikey": SERVICE_KEY, "Authorization": "Bearer sb_secret_other"})
+    assert refused.status_code == 401
+
+
+def test_vectors_are_stored_without_compression_attempts(pg):
+    out = pg.psql("-At", "-c", "select attstorage from pg_attribute "
+                               "where attrelid = 'public.embedding_cache'::regclass and attname = 'vector'")
+    assert out.strip() == "e"  # external: out of line, never pglz
+
+
+EXPOSED = """
+select 'function ' || p.oid::regprocedure || ' to ' || r.rolname
+  from pg_proc p, (values ('anon'), ('authenticated')) r(rolname)
+ where p.proname like 'embedding\\_cache%' and has_function_privilege(r.rolname, p.oid, 'execute')
+union all
+select 'relation ' || c.oid::regclass || ' to ' || r.rolname
+  from pg_class c, (values ('anon'), ('authenticated')) r(rolname)
+ where c.relname like 'embedding\\_cache%' and c.relkind in ('r', 'p', 'v', 'm', 'f', 'S')
+   and has_table_privilege(r.rolname, c.oid, 'select, insert, update, delete, truncate, references, trigger')
+"""
+
+
+def exposed(pg) -> list[str]:
+    """Everything named embedding_cache* that anon or authenticated may use, found from the catalogue."""
+    return [line for line in pg.psql("-At", "-c", EXPOSED).splitlines() if line]
+
+
+def test_after_every_migration_twice_anon_and_authenticated_can_use_nothing(pg):
+    pg.migrate()
+    pg.migrate()
+    count = pg.psql("-At", "-c", "select count(*) from pg_proc where proname like 'embedding\\_cache%'")
+    assert int(count) >= 4
+    assert exposed(pg) == []
+
+
+def test_the_privilege_check_catches_a_function_dropped_and_created_again(pg):
+    """Under Supabase's default privileges a re-created function is open again: the check above must see it."""
+    pg.psql("-c", "create function public.embedding_cache_probe() returns int language sql as 'select 1'")
+    try:
+        assert any("embedding_cache_probe" in line for line in exposed(pg))
+    finally:
+        pg.psql("-c", "drop function public.embedding_cache_probe()")
