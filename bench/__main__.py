@@ -193,6 +193,9 @@ def cold_start(s: Setup, rows: list[Row]) -> None:
     med, spread = wall([PY312, "bench/coldstart.py", "import"], {})
     rows.append(Row("3", "fresh process: import api/embeddings.py", med, spread, ratio=med / base,
                     ratio_to="of openai+supabase", target="<= 0.3"))
+    med, spread = wall([PY312, "-c", "from lib import Embedder; Embedder"], {})
+    rows.append(Row("3", "fresh process: from lib import Embedder", med, spread, ratio=med / base,
+                    ratio_to="of openai+supabase", target="<= 0.3"))
     pool = texts(16, "cold")
     body_file = s.tmp / "cold.json"
     body_file.write_text(json.dumps({"input": pool, "model": MODEL, "encoding_format": "base64"}))

@@ -38,6 +38,35 @@ class APIError(Exception):
         ).encode()
 
 
+class EmbeddingError(Exception):
+    """What the in-process `Embedder` raises: the HTTP answer the endpoint would give, as an exception.
+
+    `status`, `code`, `type`, `param` and `retry_after` (seconds, for 429 and 503) are the answer's;
+    `str(error)` is its `error.message`. Never a raw SDK exception, never a secret.
+    """
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, type: str = "api_error",
+                 param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type
+        self.param = param
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_api(cls, err: APIError) -> EmbeddingError:
+        kind = InvalidInputError if err.status == 400 else EmbeddingError
+        retry = err.headers.get("retry-after")
+        return kind(err.status, err.message, code=err.code, type=err.type, param=err.param,
+                    retry_after=float(retry) if retry else None)
+
+
+class InvalidInputError(EmbeddingError, ValueError):
+    """Bad input (status 400): the same rule and message as the endpoint's. Nothing was sent or cached."""
+
+
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     """400: the request itself is wrong; retrying it unchanged cannot succeed."""
     return APIError(400, message, param=param, code=code)

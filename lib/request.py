@@ -114,7 +114,17 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
             raise invalid(_DIMENSIONS_SHAPE, param="dimensions") from None
         raise invalid(f"'{name}' is invalid: {first.get('msg')}", param=name) from None
 
-    raw = req.input
+    items, model, dimensions = check(req.input, req.model, req.dimensions, app)
+    return items, model, dimensions, req.encoding_format or "float"
+
+
+def check(raw: str | list, model_name: str | None, dimensions: int | float | None, app: App, *,
+          max_inputs: int | None = -1) -> tuple[list[Item], ModelSpec, int | None]:
+    """The input rules every door shares (the endpoint after JSON parsing, the in-process `Embedder`):
+    inputs, limits, model and dimensions, with the same messages. `max_inputs=None` lifts the count
+    limit (the Embedder splits long lists into requests itself); -1 means the configured limit."""
+    s = app.settings
+    limit = s.max_inputs if max_inputs == -1 else max_inputs
     if isinstance(raw, str):
         items: list[Item] = [raw]
     elif raw and not isinstance(raw[0], (str, list)):
@@ -123,13 +133,13 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
         items = list(raw)
     if not items:
         raise invalid("'input' must not be empty", param="input")
-    if len(items) > s.max_inputs:
-        raise invalid(f"'input' has {len(items)} items; at most {s.max_inputs} are allowed per request", param="input")
+    if limit is not None and len(items) > limit:
+        raise invalid(f"'input' has {len(items)} items; at most {limit} are allowed per request", param="input")
 
-    if req.model is None:
+    if model_name is None:
         model = app.registry.get(app.default_model)
     else:
-        model = app.registry.get(req.model)  # "" too: a named model is served as named, or refused
+        model = app.registry.get(model_name)  # "" too: a named model is served as named, or refused
     for i, item in enumerate(items):
         if isinstance(item, str):
             if not item:
@@ -139,6 +149,8 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
                               f"{s.max_input_chars} characters per input (EMBEDDINGS_MAX_INPUT_CHARS, a bound on "
                               "the request's size, not the model's token limit)", param="input",
                               code="input_too_long")
+        elif not isinstance(item, list):
+            raise invalid(_INPUT_SHAPE, param="input")
         else:
             if not model.accepts_tokens:
                 raise invalid(f"Token-id inputs are only accepted by OpenAI models, not by '{model.id}'. "
@@ -154,12 +166,15 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
                 raise invalid(f"'input[{i}]' has {len(tokens)} tokens; '{model.id}' accepts at most "
                               f"{model.max_input_tokens}", param="input", code="input_too_long")
 
-    dimensions = req.dimensions
     if dimensions is not None:
+        if isinstance(dimensions, bool) or not isinstance(dimensions, (int, float)):
+            raise invalid(_DIMENSIONS_SHAPE, param="dimensions")
         if isinstance(dimensions, float):
             if not dimensions.is_integer():
                 raise invalid(_DIMENSIONS_SHAPE, param="dimensions")
             dimensions = int(dimensions)
+        if dimensions < 1:
+            raise invalid(_DIMENSIONS_SHAPE, param="dimensions")
         if not model.flexible_dimensions:
             raise invalid(f"The model '{model.id}' does not support 'dimensions'", param="dimensions")
         if not 1 <= dimensions <= (model.dimensions or 0):
@@ -167,7 +182,7 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
                           param="dimensions")
         if dimensions == model.dimensions:
             dimensions = None  # the native size: same vector, same cache entry
-    return items, model, dimensions, req.encoding_format or "float"
+    return items, model, dimensions
 
 
 _DIMENSIONS_SHAPE = "'dimensions' must be a positive integer"
@@ -179,10 +194,12 @@ def _integral(values: list) -> list[int] | None:
         return values
     out = []
     for v in values:
-        if isinstance(v, float):
+        if type(v) is float:
             if not v.is_integer():
                 return None
             v = int(v)
+        elif type(v) is not int:
+            return None  # not a number at all (only reachable from Python callers; JSON is typed first)
         out.append(v)
     return out
 
