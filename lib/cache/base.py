@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from ..deadline import Deadline
@@ -21,6 +22,20 @@ class Entry:
     model: str
     dimensions: int  # the length of the vector, in float32 values
     vector: bytes
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What a persistent cache holds for one model and size (the command line's `stats`)."""
+
+    model: str
+    dimensions: int
+    rows: int
+    vector_bytes: int  # the stored vectors themselves; the table's own size on disk is larger
+    oldest: datetime | None
+    newest: datetime | None
+    unused_30_days: int
+    unused_90_days: int
 
 
 class Cache(Protocol):

@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 from ..deadline import Deadline
-from .base import Entry
+from .base import CacheStats, Entry
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS embedding_cache (
@@ -28,17 +29,22 @@ CREATE TABLE IF NOT EXISTS embedding_cache (
     model TEXT NOT NULL,
     dimensions INTEGER NOT NULL,
     vector BLOB NOT NULL CHECK (length(vector) = 4 * dimensions),
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    last_used_at REAL
 ) WITHOUT ROWID
 """
+# Files made before last use was tracked get the column (NULL: "as old as the row").
+_ADD_LAST_USED = "ALTER TABLE embedding_cache ADD COLUMN last_used_at REAL"
 
 # A row whose vector has the wrong length (written by a bug or an old version) is replaced.
 _PUT = """
-INSERT INTO embedding_cache (key, model, dimensions, vector, created_at) VALUES (?, ?, ?, ?, ?)
+INSERT INTO embedding_cache (key, model, dimensions, vector, created_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT(key) DO UPDATE SET model = excluded.model, dimensions = excluded.dimensions,
-    vector = excluded.vector, created_at = excluded.created_at
+    vector = excluded.vector, created_at = excluded.created_at, last_used_at = excluded.last_used_at
 WHERE length(embedding_cache.vector) != length(excluded.vector)
 """
+_LAST_USED = "coalesce(last_used_at, created_at)"
+DAY_S = 86_400.0  # last use is refreshed at most once a day per row, as the Supabase table does
 
 _CHUNK = 500  # stay well below SQLite's bound-parameter limit
 POOL_SIZE = 8  # idle connections kept; more may be open at once under load, and are closed after use
@@ -67,6 +73,12 @@ class SQLiteCache:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
+            if "last_used_at" not in {row[1] for row in conn.execute("PRAGMA table_info(embedding_cache)")}:
+                try:
+                    conn.execute(_ADD_LAST_USED)
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
         except BaseException:
             conn.close()
             raise
@@ -134,14 +146,26 @@ class SQLiteCache:
 
     def get_many(self, keys: Sequence[str], deadline: Deadline | None = None) -> Mapping[str, bytes]:
         found: dict[str, bytes] = {}
+        stale: list[str] = []
+        old = time.time() - DAY_S
         with self._connection(deadline) as conn:
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                for key, vector in conn.execute(
-                    f"SELECT key, vector FROM embedding_cache WHERE key IN ({marks})", chunk
+                for key, vector, used in conn.execute(
+                    f"SELECT key, vector, {_LAST_USED} FROM embedding_cache WHERE key IN ({marks})", chunk
                 ):
                     found[key] = vector
+                    if used < old:
+                        stale.append(key)
+            if stale:  # rare (once a day per row): a hit costs no write otherwise
+                try:
+                    for i in range(0, len(stale), _CHUNK):
+                        chunk = stale[i : i + _CHUNK]
+                        conn.execute(f"UPDATE embedding_cache SET last_used_at = ? WHERE key IN "
+                                     f"({','.join('?' * len(chunk))})", [time.time(), *chunk])
+                except sqlite3.OperationalError:
+                    pass  # best effort: another writer holds the lock; the next read retries
         return found
 
     def put_many(self, entries: Sequence[Entry], deadline: Deadline | None = None) -> int:
@@ -152,7 +176,7 @@ class SQLiteCache:
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_PUT, [(e.key, e.model, e.dimensions, e.vector, now) for e in entries])
+                conn.executemany(_PUT, [(e.key, e.model, e.dimensions, e.vector, now, now) for e in entries])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -164,6 +188,48 @@ class SQLiteCache:
         with self._connection(Deadline(2.0)) as conn:
             conn.execute("SELECT 1").fetchone()
         return True
+
+    # -- administration (the command line's `stats` and `prune`) --------------------------------------
+
+    def stats(self) -> list[CacheStats]:
+        now = time.time()
+        with self._connection(None) as conn:
+            rows = conn.execute(
+                f"""SELECT model, dimensions, count(*), sum(length(vector)), min(created_at), max(created_at),
+                           sum({_LAST_USED} < ?), sum({_LAST_USED} < ?)
+                      FROM embedding_cache GROUP BY model, dimensions ORDER BY model, dimensions""",
+                (now - 30 * DAY_S, now - 90 * DAY_S)).fetchall()
+        return [CacheStats(m, d, n, b, _utc(lo), _utc(hi), u30, u90) for m, d, n, b, lo, hi, u30, u90 in rows]
+
+    def prune(self, unused_days: float | None = None, max_rows: int | None = None, dry_run: bool = False) -> int:
+        """Delete rows unused for `unused_days`, then the least recently used beyond `max_rows`: the rule of
+        Supabase's `embedding_cache_prune`. Returns how many rows were (or, dry, would be) deleted."""
+        cutoff = None if unused_days is None else time.time() - unused_days * DAY_S
+        old_rule = f"{_LAST_USED} < ?"
+        with self._connection(None) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                old = conn.execute(f"SELECT count(*) FROM embedding_cache WHERE {old_rule}",
+                                   (cutoff,)).fetchone()[0] if cutoff is not None else 0
+                total = conn.execute("SELECT count(*) FROM embedding_cache").fetchone()[0]
+                over = max(0, total - old - max_rows) if max_rows is not None else 0
+                if not dry_run:
+                    if cutoff is not None:
+                        conn.execute(f"DELETE FROM embedding_cache WHERE {old_rule}", (cutoff,))
+                    if over:
+                        conn.execute(f"""DELETE FROM embedding_cache WHERE key IN (
+                            SELECT key FROM embedding_cache ORDER BY {_LAST_USED} DESC, key LIMIT -1 OFFSET ?)""",
+                                     (max_rows,))
+                conn.execute("COMMIT" if not dry_run else "ROLLBACK")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return old + over
+
+
+def _utc(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
 
 
 def _identity(path: str) -> tuple[int, int, bool] | None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import datetime, timedelta, timezone
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..deadline import Deadline
-from .base import Entry
+from .base import CacheStats, Entry
 
 GET_FN = "embedding_cache_get"
 GET_PACKED_FN = "embedding_cache_get_packed"
@@ -161,6 +162,24 @@ class SupabaseCache:
     def ping(self) -> bool:
         self._rpc(GET_FN, {"keys": []})
         return True
+
+    # -- administration (the command line's `stats` and `prune`; sql/003) ----------------------------
+
+    def stats(self) -> list[CacheStats]:
+        rows = self._rpc("embedding_cache_stats", {}) or []
+        return [CacheStats(r["model"], r["dimensions"], r["row_count"], r["vector_bytes"], _ts(r["oldest"]),
+                           _ts(r["newest"]), r["unused_30_days"], r["unused_90_days"]) for r in rows]
+
+    def prune(self, unused_days: float | None = None, max_rows: int | None = None, dry_run: bool = False) -> int:
+        since = None
+        if unused_days is not None:
+            since = (datetime.now(timezone.utc) - timedelta(days=unused_days)).isoformat()
+        fn = "embedding_cache_prune_preview" if dry_run else "embedding_cache_prune"
+        return int(self._rpc(fn, {"unused_since": since, "max_rows": max_rows}) or 0)
+
+
+def _ts(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
 
 
 def _unpack(blob: bytes) -> dict[str, bytes]:

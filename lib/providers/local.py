@@ -59,7 +59,9 @@ class LocalProvider:
                 if os.path.isdir(source):
                     os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
 
+                hf_logging.disable_progress_bar()  # its "Loading weights" bar would write \r into our logs
                 model = SentenceTransformer(source, device="cpu")
                 self._models[model_id] = model
             return model

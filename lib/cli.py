@@ -1,0 +1,319 @@
+"""`python -m lib <command>`: embed a whole corpus, see what the cache holds, prune it.
+
+    python -m lib embed chunks.jsonl --out vectors.npy        # in-process, the endpoint's environment
+    python -m lib embed - --url https://x.vercel.app/v1 --api-key KEY < lines.txt
+    python -m lib stats
+    python -m lib prune --unused-days 90 --max-rows 900000 --dry-run
+
+`embed` is a third door onto the same service: in-process it is the `Embedder` (same keys, same cache as
+the endpoint); with `--url` it is a client of a deployed endpoint. Nothing here embeds by itself.
+Exit codes: 0 done, 1 the provider or the endpoint failed (or refused the key), 2 bad input or usage,
+130 interrupted (Ctrl-C). After 1 or 130, the same command again pays only for what was not done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TextIO
+
+from .corpus import CorpusError, open_output, open_source, validate
+from .errors import EmbeddingError
+
+EXAMPLES = {
+    "embed": """examples:
+  python -m lib embed chunks.txt                                # fill the cache only (a backfill)
+  python -m lib embed chunks.jsonl --field body --id-field id --out vectors.jsonl
+  python -m lib embed docs.csv --column text --out vectors.npy  # float32, shape (n, d), input order
+  cat lines.txt | python -m lib embed - --out vectors.npy
+  python -m lib embed chunks.jsonl --url https://your-app.vercel.app/v1 --api-key "$EMBEDDINGS_KEY" --out v.npy
+Re-running the same command pays only for the texts that are not cached yet.""",
+    "stats": """examples:
+  python -m lib stats                       # the cache configured by EMBEDDINGS_CACHE (sqlite or supabase)
+  EMBEDDINGS_SQLITE_PATH=other.sqlite3 python -m lib stats""",
+    "prune": """examples:
+  python -m lib prune --unused-days 90 --dry-run   # how many rows would go, deleting nothing
+  python -m lib prune --unused-days 90 --max-rows 900000
+  python -m lib prune --max-rows 0                 # empty the cache""",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m lib", description="Embed a corpus through the cached embedding "
+                                  "service, and look after the cache.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{embed,stats,prune}")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    embed = sub.add_parser("embed", help="embed every text of a file", epilog=EXAMPLES["embed"], formatter_class=fmt,
+                           description="Embed every text of INPUT: .txt (one text per line), .jsonl, .csv with a "
+                                       "header row, or - for standard input (one text per line).")
+    embed.add_argument("input", metavar="INPUT")
+    embed.add_argument("--out", metavar="FILE", help=".npy (float32, shape (n, d)) or .jsonl; without it the "
+                                                     "command only fills the cache")
+    embed.add_argument("--field", "--column", dest="field", default=None,
+                       help=".jsonl field / .csv column holding the text (default: text)")
+    embed.add_argument("--id-field", "--id-column", dest="id_field", default=None,
+                       help=".jsonl field / .csv column to carry to .jsonl output as \"id\"")
+    embed.add_argument("--model", default=None, help="model id (default: the configured one)")
+    embed.add_argument("--dimensions", type=int, default=None, help="shorter vectors (text-embedding-3 only)")
+    embed.add_argument("--batch-size", type=_positive, default=256, help="texts per request (default: 256)")
+    embed.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
+    embed.add_argument("--url", default=None, help="a deployed endpoint's base URL, ending in /v1 (as the openai "
+                                                   "SDK's base_url); default: embed in this process")
+    embed.add_argument("--api-key", default=None, help="the endpoint's key (with --url)")
+
+    sub.add_parser("stats", help="what the persistent cache holds, per model and size", epilog=EXAMPLES["stats"],
+                   formatter_class=fmt, description="One line per model and dimensions: rows, bytes, oldest and "
+                                                    "newest entry, rows unused for 30 and 90 days.")
+
+    prune = sub.add_parser("prune", help="delete rows unused for a while, or beyond a row budget",
+                           epilog=EXAMPLES["prune"], formatter_class=fmt,
+                           description="Delete rows not used for N days, then the least recently used beyond M "
+                                       "rows (Supabase's embedding_cache_prune; the same rule on SQLite).")
+    prune.add_argument("--unused-days", type=float, default=None, metavar="N")
+    prune.add_argument("--max-rows", type=int, default=None, metavar="M")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    return top
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "embed":
+            return embed(args)
+        if args.command == "stats":
+            return stats()
+        return prune(args)
+    except CorpusError as exc:
+        return _fail(2, str(exc))
+    except EmbeddingError as exc:
+        return _fail(1, _describe(exc))
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _describe(exc: EmbeddingError) -> str:
+    if exc.status == 401:
+        return f"the endpoint refused the API key (401): {exc}"
+    return f"{exc} ({exc.status}{', ' + exc.code if exc.code else ''})"
+
+
+# -- embed ---------------------------------------------------------------------------------------------------
+
+
+def _embedder(args: argparse.Namespace) -> tuple[Any, int]:
+    """The door to use, and the per-text character limit to validate against."""
+    if args.url:
+        import os
+
+        from .config import Settings
+        from .remote import RemoteEmbedder
+
+        # The endpoint's limit is its own; validate against the default unless told otherwise.
+        limit = int(os.environ.get("EMBEDDINGS_MAX_INPUT_CHARS") or Settings.max_input_chars)
+        return RemoteEmbedder(args.url, args.api_key), limit
+    from .app import App
+    from .config import ConfigError
+    from .embedder import Embedder
+
+    try:
+        embedder = Embedder.from_env()
+    except ConfigError as exc:
+        raise CorpusError(f"configuration: {exc}") from None
+    app: App = embedder._app
+    return embedder, app.settings.max_input_chars
+
+
+def embed(args: argparse.Namespace) -> int:
+    if args.api_key and not args.url:
+        return _fail(2, "--api-key is for --url (in-process runs use the environment's keys)")
+    embedder, max_chars = _embedder(args)
+    src = open_source(args.input, field=args.field, id_field=args.id_field)
+    try:
+        started = time.monotonic()
+        census = validate(src, max_chars)  # every line checked before the first request
+        out = open_output(args.out, census.texts) if args.out else None
+        progress = Progress(census.texts, sys.stderr)
+        outcome = _run(embedder, src, args, out, progress)
+    finally:
+        src.close()
+    elapsed = time.monotonic() - started
+    p = progress
+    summary = (f"{census.texts} texts ({census.distinct} distinct): {p.hits} hits, {p.misses} misses, "
+               f"{p.tokens} tokens billed, {elapsed:.1f} s")
+    if outcome is None:
+        progress.close()
+        print(f"done: {summary}" + (f"; vectors in {args.out}" if args.out else "; the cache is filled"),
+              file=sys.stderr)
+        return 0
+    progress.close()
+    left = census.texts - p.done
+    again = f"run the same command again to finish: it pays only for the {left} texts not done"
+    if isinstance(outcome, KeyboardInterrupt):
+        print(f"interrupted after {p.done} of {census.texts} texts: {summary}; {again}", file=sys.stderr)
+        return 130
+    print(f"stopped after {p.done} of {census.texts} texts: {summary}", file=sys.stderr)
+    print(f"error: {_describe(outcome)}; {again}", file=sys.stderr)
+    return 1
+
+
+def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: Progress) -> BaseException | None:
+    """Batches in input order, `concurrency` in flight. On Ctrl-C or a failure, no new batch starts; those in
+    flight finish (and are cached); the partial output is removed. Returns None, or what stopped the run."""
+    from .corpus import batches
+
+    stop: list[BaseException] = []
+
+    def interrupted(signum: int, frame: object) -> None:
+        if not stop:
+            stop.append(KeyboardInterrupt())
+
+    previous = signal.signal(signal.SIGINT, interrupted) if threading.current_thread() is threading.main_thread() \
+        else None
+    pending: deque[tuple[int, list[Any], Future[Any]]] = deque()
+    stream = batches(src, args.batch_size)
+    start = 0
+    with ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="embed") as pool:
+        try:
+            while True:
+                while not stop and len(pending) < args.concurrency:
+                    batch = next(stream, None)
+                    if batch is None:
+                        break
+                    texts = [t for _, t in batch]
+                    pending.append((start, [i for i, _ in batch],
+                                    pool.submit(embedder.embed, texts, model=args.model, dimensions=args.dimensions)))
+                    start += len(texts)
+                if not pending:
+                    break
+                first, ids, future = pending.popleft()
+                try:
+                    result = future.result()
+                except EmbeddingError as exc:
+                    if not stop:
+                        stop.append(exc)
+                    continue
+                if out is not None and not stop:
+                    out.write(ids, first, result.vectors)
+                progress.update(len(ids), result)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+    if stop:
+        if out is not None:
+            out.abandon()
+        return stop[0]
+    if out is not None:
+        out.finish()
+    return None
+
+
+class Progress:
+    """A progress bar on a terminal (tqdm); elsewhere (CI, a pipe) a plain line every few seconds, with no
+    control characters. Counts texts done, hits, misses and tokens billed so far."""
+
+    EVERY_S = 3.0
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.done = self.hits = self.misses = self.tokens = 0
+        self.started = time.monotonic()
+        self._last = self.started
+        self._bar: Any = None
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="text", file=stream, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, count: int, result: Any) -> None:
+        self.done += count
+        self.hits += result.hits
+        self.misses += result.misses
+        self.tokens += result.tokens
+        if self._bar is not None:
+            self._bar.set_postfix(hits=self.hits, misses=self.misses, tokens=self.tokens, refresh=False)
+            self._bar.update(count)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.EVERY_S:
+            self._last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0.0
+            print(f"progress: {self.done}/{self.total} texts ({100 * self.done // self.total}%), {rate:,.0f} texts/s, "
+                  f"ETA {eta:.0f} s, {self.hits} hits, {self.misses} misses, {self.tokens} tokens billed",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# -- stats and prune ---------------------------------------------------------------------------------------
+
+
+def _persistent_cache() -> Any:
+    from . import config
+    from .app import make_tiers
+
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        raise CorpusError(f"configuration: {exc}") from None
+    for tier in make_tiers(settings):
+        if hasattr(tier, "stats"):
+            return tier
+    raise CorpusError(f"EMBEDDINGS_CACHE={settings.cache} keeps nothing on disk: stats and prune need sqlite or "
+                      "supabase")
+
+
+def stats() -> int:
+    cache = _persistent_cache()
+    rows = _admin(cache.stats)
+    if not rows:
+        print(f"the {cache.name} cache is empty")
+    for r in rows:
+        day = lambda d: d.strftime("%Y-%m-%d %H:%M") if d else "-"  # noqa: E731
+        print(f"{r.model} {r.rows} rows, {r.dimensions} dims, {r.vector_bytes} bytes, oldest {day(r.oldest)}, "
+              f"newest {day(r.newest)}, unused 30 days: {r.unused_30_days}, unused 90 days: {r.unused_90_days}")
+    return 0
+
+
+def prune(args: argparse.Namespace) -> int:
+    if args.unused_days is None and args.max_rows is None:
+        return _fail(2, "say what to prune: --unused-days N, --max-rows M, or both")
+    if (args.unused_days is not None and args.unused_days < 0) or (args.max_rows is not None and args.max_rows < 0):
+        return _fail(2, "--unused-days and --max-rows must not be negative")
+    cache = _persistent_cache()
+    count = _admin(lambda: cache.prune(args.unused_days, args.max_rows, dry_run=args.dry_run))
+    rule = " and ".join(filter(None, [f"unused for {args.unused_days:g} days" if args.unused_days is not None else "",
+                                      f"beyond the {args.max_rows} most recently used" if args.max_rows is not None
+                                      else ""]))
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{cache.name}: {verb} {count} rows ({rule})" + ("; nothing was deleted" if args.dry_run else ""))
+    return 0
+
+
+def _admin(call: Any) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # a cache error, named without its payload or key
+        raise EmbeddingError(502, f"the cache failed: {type(exc).__name__}: {str(exc)[:200]}",
+                             code="cache_error") from None
