@@ -28,10 +28,16 @@ $(VENV312)/.installed: requirements.prod.txt
 	@test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; }
 	@test -x /usr/lib/postgresql/15/bin/initdb
 
+# Debian's Chromium for the page's browser tests (driven by Playwright's Python package, never its own browser).
+.PHONY: .chromium-ok
+.chromium-ok:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@test -x /usr/bin/chromium
+
 dev: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 PORT=$(PORT) $(VENV)/bin/python -m lib.devserver
 
-test: $(VENV)/.installed $(VENV312)/.installed .postgres-ok
+test: $(VENV)/.installed $(VENV312)/.installed .postgres-ok .chromium-ok
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 bench: $(VENV)/.installed .postgres-ok

@@ -18,14 +18,54 @@ import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from . import request as rq
 from .handler import Endpoint, NotFoundEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
+          ".json": "application/json", ".txt": "text/plain; charset=utf-8"}
+
+
+class StaticFile(Endpoint):
+    """One file of `public/`, as Vercel serves it (read per request: edits show on reload)."""
+
+    method = "GET"
+    needs_auth = False
+    has_body = False
+    file: Path
+
+    def answer(self, body: bytes) -> rq.Response:
+        return rq.Response(200, self.file.read_bytes(), {"cache-control": "no-cache"},
+                           content_type=_TYPES.get(self.file.suffix, "application/octet-stream"))
+
+
+def static_routes(root: Path = ROOT) -> dict[str, type[Endpoint]]:
+    """`/`, `/index.html` and each file directly in `public/`: a fixed table made at start, so no request
+    path can ever name a file outside `public/` (nothing is joined from the URL)."""
+    public = root / "public"
+    table: dict[str, type[Endpoint]] = {}
+    for file in sorted(public.iterdir()) if public.is_dir() else []:
+        if file.is_file() and not file.name.startswith("."):
+            table["/" + file.name] = type("StaticFile", (StaticFile,), {"file": file})
+    if "/index.html" in table:
+        table["/"] = table["/index.html"]
+    return table
+
+
+def headers(root: Path = ROOT) -> list[tuple[str, str]]:
+    """vercel.json's catch-all response headers (the Content-Security-Policy among them), sent by the dev
+    server too, so the page is tested under the policy it is deployed with."""
+    config = json.loads((root / "vercel.json").read_text())
+    return [(h["key"], h["value"]) for rule in config.get("headers", []) if rule.get("source") == "/(.*)"
+            for h in rule["headers"]]
+
+
 def routes(root: Path = ROOT) -> dict[str, type[Endpoint]]:
     """Path -> handler class: every `api/<name>.py` at `/api/<name>`, plus vercel.json's rewrites."""
-    table: dict[str, type[Endpoint]] = {}
+    table: dict[str, type[Endpoint]] = dict(static_routes(root))
     for file in sorted((root / "api").glob("*.py")):
         if file.name.startswith(("_", ".")):
             continue  # Vercel does not make these functions either
@@ -42,6 +82,7 @@ class Router(Endpoint):
     """Picks the route's handler class for each request on a keep-alive connection."""
 
     table: dict[str, type[Endpoint]] = {}
+    response_headers: tuple[tuple[str, str], ...] = ()  # vercel.json's; not `headers`: that is the request's
     # Seconds to wait for each read of a request line, header or body (idle keep-alive included): a
     # client that stalls mid-request loses its connection instead of holding a thread for ever.
     timeout = 15.0
@@ -52,6 +93,7 @@ class Router(Endpoint):
 
     def _dispatch(self) -> None:
         own = self.__class__
+        self.extra_headers = own.response_headers  # kept on the instance across the class swap below
         self.__class__ = self._route()
         try:
             self._dispatch()
@@ -101,6 +143,7 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\
 def make_server(host: str, port: int, *, read_timeout_s: float | None = None,
                 max_connections: int | None = None) -> Server:
     Router.table = routes()
+    Router.response_headers = tuple(headers())
     handler = Router
     if read_timeout_s is not None:
         handler = type("Router", (Router,), {"timeout": read_timeout_s})

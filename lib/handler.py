@@ -35,6 +35,7 @@ class Endpoint(BaseHTTPRequestHandler):
     """One route. Subclasses set `method` and implement `answer`."""
 
     protocol_version = "HTTP/1.1"  # keep-alive for the openai SDK's connection pool
+    extra_headers: tuple[tuple[str, str], ...] = ()  # the dev server's copy of vercel.json's headers
     method = "POST"
     needs_auth = True
     has_body = True
@@ -197,6 +198,8 @@ class Endpoint(BaseHTTPRequestHandler):
             self.send_header("access-control-expose-headers", "x-cache-hits, x-cache-misses, x-request-id")
             self.send_header("vary", "origin")
         for name, value in response.headers.items():
+            self.send_header(name, value)
+        for name, value in self.extra_headers:
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("connection", "close")

@@ -241,6 +241,9 @@ def health(app: App) -> Response:
         "provider": app.settings.provider,
         "model": app.default_model,
         "models": app.registry.ids,
+        # What a client needs to offer `dimensions` (the page at / does): native size, and whether it may shrink.
+        "model_details": [{"id": m.id, "dimensions": m.dimensions, "flexible_dimensions": m.flexible_dimensions}
+                          for m in map(app.registry.get, app.registry.ids)],
         "cache": app.settings.cache,
         "cache_ok": cache_ok,
         "auth": "required" if app.settings.api_keys else "open",

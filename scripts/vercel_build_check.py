@@ -93,11 +93,16 @@ def check(output: Path, scratch: Path) -> dict:
             if path.is_file() and path.suffix in ("", ".env", ".txt", ".py", ".json", ".local") and \
                     SENTINEL.encode() in path.read_bytes():
                 problems.append(f"{func} carries the planted secret in {src}")
-    static = [p.relative_to(output / "static").as_posix() for p in (output / "static").rglob("*") if p.is_file()]
+    static = sorted(p.relative_to(output / "static").as_posix() for p in (output / "static").rglob("*")
+                    if p.is_file())
     for name in static:
         if not (ROOT / "public" / name).exists():
             problems.append(f"static output publishes {name}, which is not in public/")
-    return {"functions": functions, "size_mb": sizes, "static": static, "problems": problems}
+    # The headers every answer gets (the page's Content-Security-Policy), as the build's routing table says.
+    routes = json.loads((output / "config.json").read_text()).get("routes", [])
+    headers = {k.lower(): v for route in routes if route.get("src") in ("^(?:/(.*))$", "/(.*)")
+               for k, v in route.get("headers", {}).items()}
+    return {"functions": functions, "size_mb": sizes, "static": static, "headers": headers, "problems": problems}
 
 
 def main() -> int:

@@ -115,11 +115,14 @@ def test_broken_cache_still_serves_from_the_provider(monkeypatch, fake_openai, t
     openai_env(monkeypatch, fake_openai.url, tmp_path, EMBEDDINGS_MEMORY_CACHE_MB="1")
     server = serve()
     assert server.embed({"input": "warm"}).status_code == 200
+    from lib import app
+
+    # Close this process's connections first: closing the last one checkpoints its WAL into the file, which
+    # would otherwise rewrite a valid database over the garbage whenever the garbage collector got to it.
+    app.get_app().tiers[-1].close()
     (tmp_path / "cache.sqlite3").write_bytes(b"this is not a database" * 1000)
     for name in ("cache.sqlite3-wal", "cache.sqlite3-shm"):
         (tmp_path / name).unlink(missing_ok=True)
-    from lib import app
-
     app.reset()
     r = server.embed({"input": ["fresh", "warm"], "encoding_format": "base64"})
     assert r.status_code == 200, r.text

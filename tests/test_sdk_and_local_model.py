@@ -87,3 +87,24 @@ def test_sdk_against_openai_provider_is_bit_identical(fake_openai, tmp_path):
         assert fake_openai.calls == 1
     finally:
         stop_devserver(proc)
+
+
+def test_readme_langchain_example_works_as_written(local_server):
+    """The README's LangChain snippet, against the dev server's default (local) model."""
+    from langchain_openai import OpenAIEmbeddings
+
+    emb = OpenAIEmbeddings(base_url=local_server + "/v1", api_key="anything-locally",
+                           model="sentence-transformers/all-MiniLM-L6-v2", check_embedding_ctx_length=False)
+    docs = emb.embed_documents(["A man is eating food.", "A man is eating a piece of bread."])
+    assert len(docs) == 2 and len(docs[0]) == 384
+    assert cos(docs[0], docs[1]) == pytest.approx(0.7553, abs=0.002)
+    assert cos(emb.embed_query("A man is eating food."), docs[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_token_ids_to_a_non_openai_model_say_how_to_send_text(local_server):
+    """What LangChain sends by default (tiktoken ids): the 400 names the way out."""
+    import httpx
+
+    r = httpx.post(local_server + "/v1/embeddings", json={"input": [[1212, 318]],
+                                                          "model": "sentence-transformers/all-MiniLM-L6-v2"})
+    assert r.status_code == 400 and "check_embedding_ctx_length=False" in r.json()["error"]["message"]

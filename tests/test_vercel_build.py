@@ -28,7 +28,9 @@ def test_vercel_build_deploys_only_the_functions():
     report = json.loads(run.stdout)
     assert report["functions"] == ["api/embeddings.func", "api/health.func", "api/openapi.func"]
     assert report["problems"] == []
-    assert report["static"] == ["index.html"]
+    assert report["static"] == ["app.js", "favicon.svg", "index.html", "style.css"]  # the page, nothing else
+    csp = report["headers"].get("content-security-policy", "")
+    assert "script-src 'self'" in csp and "style-src 'self'" in csp and "unsafe" not in csp, report["headers"]
     # our own code and the production dependencies: far below Vercel's 250 MB
     assert all(size < 100 for size in report["size_mb"].values()), report["size_mb"]
     print("\nvercel build:", report["size_mb"])
