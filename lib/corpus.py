@@ -224,10 +224,10 @@ class JsonlOutput(Output):
     """One `{"id" or "index", "embedding"}` object per line, floats as the endpoint writes them."""
 
     def write(self, ids: list[Any], start: int, vectors: list[bytes]) -> None:
-        from .vectors import shortest_json_arrays
+        from .vectors import float_json
 
         lines = []
-        for offset, (ident, text) in enumerate(zip(ids, shortest_json_arrays(vectors))):
+        for offset, (ident, text) in enumerate(zip(ids, float_json(vectors))):
             head = json.dumps({"id": ident} if ident is not None else {"index": start + offset})[:-1]
             lines.append(head.encode() + b', "embedding": ' + text + b"}\n")
         self._file.write(b"".join(lines))

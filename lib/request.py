@@ -6,7 +6,6 @@ stored: that is the service's job (`lib.service`).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -19,12 +18,11 @@ from .config import ConfigError, Settings
 from .errors import APIError, ProviderError, invalid
 from .models import ModelSpec
 from .providers.base import Item
-from .vectors import shortest_json_arrays
 
 @dataclass
 class Response:
     status: int
-    body: bytes
+    body: bytes | list[bytes]  # a large answer stays in parts: sent without joining them (`lib.handler`)
     headers: dict[str, str] = field(default_factory=dict)
     inputs: int = 0  # for the access log
     hits: int = 0
@@ -210,14 +208,17 @@ def embeddings(body: bytes, app: App) -> Response:
         result = app.service.embed(items, model, dimensions)
     except ProviderError as exc:
         raise exc.to_api_error() from None
-    # Assembled as bytes in one join: a 2048-input answer is tens of MB, so no intermediate copies.
+    # Kept as parts, never joined here: a 2048-input answer is tens of MB, and the socket takes the parts as
+    # they are (one sendmsg); only a connection that is not a socket gets one joined copy.
     parts = [b'{"object":"list","data":[']
     if fmt == "base64":
-        b64 = base64.b64encode
+        from pybase64 import b64encode as b64  # SIMD: 4x the stdlib's speed, the same bytes
         for i, v in enumerate(result.vectors):
             parts += (b'{"object":"embedding","index":', str(i).encode(), b',"embedding":"', b64(v), b'"},')
     else:
-        for i, text in enumerate(shortest_json_arrays(result.vectors)):
+        from .vectors import float_json  # numpy and orjson: float answers only
+
+        for i, text in enumerate(float_json(result.vectors)):
             parts += (b'{"object":"embedding","index":', str(i).encode(), b',"embedding":', text, b"},")
     parts[-1] = parts[-1][:-1]  # no comma after the last item
     parts.append(f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
@@ -225,7 +226,7 @@ def embeddings(body: bytes, app: App) -> Response:
     headers = {"x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
     if result.cache_errors:
         headers["x-cache-error"] = ",".join(result.cache_errors)
-    return Response(200, b"".join(parts), headers, len(items), result.hits, result.misses)
+    return Response(200, parts, headers, len(items), result.hits, result.misses)
 
 
 def health(app: App) -> Response:

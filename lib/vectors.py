@@ -2,16 +2,14 @@
 
 Both answer formats come from these bytes. base64 is a plain re-encoding (no float
 is ever parsed); the float answer writes each float32 in the shortest decimal that
-reads back to the same float32 (what OpenAI and numpy print), not 17-digit float64 noise.
+reads back to the same float32 (what OpenAI and numpy print), not 17-digit float64 noise,
+with orjson over numpy views of the bytes (`float_json`: about 35 ns a value, in C).
 """
 
 from __future__ import annotations
 
-import base64
 import sys
-import threading
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 _LITTLE = sys.byteorder == "little"
@@ -57,90 +55,27 @@ def all_finite(blob: bytes) -> bool:
 
 
 def from_base64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
+    from pybase64 import b64decode  # SIMD; validate=True refuses what the stdlib's validate=True refuses
+
+    return b64decode(text, validate=True)
 
 
-def shortest_json_arrays(blobs: Sequence[bytes]) -> list[bytes]:
-    """JSON arrays (`[0.1,-0.25,...]`, ASCII bytes) of each blob's float32 values, in the shortest decimal
-    form that reads back to the same float32 (as numpy and OpenAI print them).
+def float_json(blobs: Sequence[bytes]) -> list[bytes]:
+    """Each blob as a JSON array of its float32 values, in the shortest decimal that reads back to the same
+    float32 (what numpy prints; OpenAI's digits), written by orjson in C from numpy views of the bytes.
 
-    Formatting floats is the one costly step of a float answer (about 3 us a value in
-    pure Python), so the text is memoised per distinct vector: a warm instance
-    answers repeated float requests without formatting anything.
-    """
-    out = []
-    for blob in blobs:
-        text = _text_memo.get(blob)
-        if text is None:
-            text = ("[" + ",".join(shortest_float32(to_floats(blob))) + "]").encode("ascii")
-            _text_memo.put(blob, text)
-        out.append(text)
-    return out
+    numpy and orjson are imported here, on the first float answer: a base64 answer never loads them."""
+    import orjson
+
+    dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
+    # orjson returns its working buffer as it is (32 KB for a 19 KB array): an exact-size copy, made at once,
+    # keeps a 2048-vector answer at its own size instead of 1.7 times it.
+    return [memoryview(dumps(a, option=option)).tobytes() for a in float32_arrays(blobs)]
 
 
-_FORMATS = {p: "%." + str(p) + "g" for p in range(1, 10)}
+def float32_arrays(blobs: Sequence[bytes]) -> list:
+    """numpy float32 views of the blobs (no copy of the data)."""
+    import numpy as np
 
-
-def shortest_float32(values: list[float]) -> list[str]:
-    """Each float32 value (given as its exact float) as the fewest significant digits that read
-    back to it. Nine always suffice; most values need eight, some fewer: try 8, then 9 for
-    those that fail, then 7, 6, ... for those that pass, each round in bulk."""
-    out: list[str] = [""] * len(values)
-
-    def attempt(p: int, idx: list[int]) -> tuple[list[tuple[int, str]], list[int]]:
-        fmt = _FORMATS[p]
-        strs = [fmt % values[i] for i in idx]
-        back = array("f", map(float, strs)).tolist()
-        ok, bad = [], []
-        for j, i in enumerate(idx):
-            if back[j] == values[i]:
-                ok.append((i, strs[j]))
-            else:
-                bad.append(i)
-        return ok, bad
-
-    # Only finite vectors are ever cached or answered (`is_valid`), so every value formats.
-    passed, failed = attempt(8, list(range(len(values))))
-    for i in failed:
-        out[i] = _FORMATS[9] % values[i]
-    p = 8
-    while passed and p > 1:
-        shorter, longer = attempt(p - 1, [i for i, _ in passed])
-        keep = dict(passed)
-        for i in longer:
-            out[i] = keep[i]
-        passed, p = shorter, p - 1
-    for i, text in passed:
-        out[i] = text
-    return out
-
-
-class _TextMemo:
-    """A small LRU from vector bytes to their rendered JSON text, bounded in bytes, safe under threads."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, blob: bytes) -> bytes | None:
-        with self._lock:
-            text = self._items.get(blob)
-            if text is not None:
-                self._items.move_to_end(blob)
-            return text
-
-    def put(self, blob: bytes, text: bytes) -> None:
-        size = len(blob) + len(text)
-        with self._lock:
-            if blob in self._items or size > self.max_bytes:
-                return
-            self._items[blob] = text
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                old, old_text = self._items.popitem(last=False)
-                self.bytes -= len(old) + len(old_text)
-
-
-_text_memo = _TextMemo(32 * 1024 * 1024)
+    dtype = np.dtype("<f4")
+    return [np.frombuffer(b, dtype=dtype) for b in blobs]
