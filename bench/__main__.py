@@ -11,6 +11,8 @@
 9 storage: bytes per cached row in Postgres at 1536 and 3072 dims (heap, TOAST, indexes)
 10 the hot path against its ceiling: 2,000 distinct 1536-dim texts, all hits, the dev server (memory LRU +
    SQLite) beside a replay server on the same stdlib HTTP stack; 1 client and 16 concurrent clients
+11 the corpus command: 20,000 texts (50% duplicates) against a 150 ms upstream, the all-hit re-run against
+   direct service calls, and peak memory for 100k and 1M lines to .jsonl
 """
 
 from __future__ import annotations
@@ -404,6 +406,28 @@ def storage(s: Setup, rows: list[Row]) -> None:
                                  f"copied at {count / elapsed:,.0f} rows/s",
                             extra={"heap": heap, "toast": toast, "indexes": index, "rows": count}))
         conn.execute("drop table bench_storage")
+        # Database time of a packed read (what one request costs Postgres) at 200,000 cached rows.
+        total = 20_000 if s.quick else 200_000
+        have = conn.execute("select count(*) from public.embedding_cache").fetchone()[0]
+        with conn.cursor() as cur, cur.copy("copy public.embedding_cache (key, model, dimensions, vector) "
+                                            "from stdin") as cp:
+            for i in range(have, total):
+                vec = rng.standard_normal(1536).astype("<f4").tobytes()
+                cp.write_row((hashlib.sha256(f"db-time:{i}".encode()).hexdigest(), MODEL, 1536, vec))
+        conn.execute("vacuum analyze public.embedding_cache")
+        keys = [hashlib.sha256(f"db-time:{i}".encode()).hexdigest() for i in range(have, total)]
+        pick = np.random.default_rng(9)
+        for n in (1, 256):
+            times = []
+            for _ in range(31):
+                chosen = [keys[j] for j in pick.choice(len(keys), n, replace=False)]
+                t0 = time.perf_counter()
+                conn.execute("select public.embedding_cache_get_packed(%s)", (chosen,)).fetchone()
+                times.append(time.perf_counter() - t0)
+            med, spread = median_spread(times)
+            rows.append(Row("9", f"database time, packed read of {n} keys at {total:,} rows", med, spread,
+                            per_second=n / med, note="psycopg on the same machine: Postgres' own time plus a "
+                                                     "loopback round trip; cold keys (random, not cached)"))
 
 
 # -- 10: the hot path against its ceiling -----------------------------------------------------------------
@@ -497,8 +521,78 @@ def ceiling(s: Setup, rows: list[Row]) -> None:
     replay.kill()
 
 
+# -- 11: the corpus command --------------------------------------------------------------------------------
+
+
+def corpus(s: Setup, rows: list[Row]) -> None:
+    import random
+
+    import numpy as np
+
+    from tests.upstreams import Scripted
+
+    work = s.tmp / "corpus"
+    work.mkdir(exist_ok=True)
+    n, batch, concurrency, latency = (4_000 if s.quick else 20_000), 256, 4, 0.15
+    rng = random.Random(5)
+    lines = [f"corpus chunk {i} about topic {i % 97}, with a few words more" for i in range(n // 2)]
+    lines = lines + [rng.choice(lines) for _ in range(n - len(lines))]  # 50 % duplicates
+    rng.shuffle(lines)
+    (work / "in.txt").write_text("\n".join(lines) + "\n")
+    distinct = len(set(lines))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_"))},
+           **s.env("sqlite", 64, EMBEDDINGS_SQLITE_PATH=str(work / "c.sqlite3")), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "lib", "embed", "in.txt", "--model", MODEL, "--batch-size", str(batch),
+           "--concurrency", str(concurrency)]
+    sent_before, calls_before = len(s.openai.sent_inputs()), s.openai.calls
+    s.openai.script = [Scripted(200, delay=latency)] * 10_000
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - t
+    s.openai.script = []
+    sent, calls = len(s.openai.sent_inputs()) - sent_before, s.openai.calls - calls_before
+    ideal = distinct / batch * latency / concurrency
+    rows.append(Row("11", f"embed {n:,} texts (50% dup.), 150 ms upstream: wall", wall, 0, per_second=n / wall,
+                    ratio=wall / ideal, ratio_to="of distinct/batch x latency/concurrency", target="<= 1.3",
+                    note=f"texts sent upstream {sent} == distinct {distinct}: {sent == distinct}; {calls} calls"))
+    # The re-run: every text a hit, written to .npy; against the same lookups made by calling the service.
+    t = time.perf_counter()
+    subprocess.run(cmd + ["--out", "v.npy"], cwd=work, env=env, check=True, capture_output=True)
+    rerun = time.perf_counter() - t
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from lib import Embedder
+lines = open("in.txt").read().splitlines()
+e = Embedder.from_env(model={MODEL!r})
+t = time.perf_counter()
+for i in range(0, len(lines), {batch}):
+    e.embed(lines[i:i + {batch}])
+print(time.perf_counter() - t)
+"""
+    direct = float(subprocess.run([sys.executable, "-c", code], cwd=work, env=env, check=True, capture_output=True,
+                                  text=True).stdout.strip())
+    assert np.load(work / "v.npy").shape == (n, 1536)
+    rows.append(Row("11", f"re-run, all hits, to .npy ({n:,} texts, whole command)", rerun, 0, per_second=n / rerun,
+                    ratio=direct / rerun, ratio_to="of calling the service directly", target=">= 20,000/s, >= 0.7",
+                    note=f"the service alone: {n / direct:,.0f}/s (in-process SQLite + memory LRU)"))
+    # Memory: peak RSS of the whole command for 100k and 1M lines to .jsonl (8-dim vectors keep it quick).
+    for count in ((20_000, 200_000) if s.quick else (100_000, 1_000_000)):
+        (work / "big.txt").write_text("".join(f"line {i} of the big corpus\n" for i in range(count)))
+        code = ("import resource, runpy, sys; sys.argv = ['lib', 'embed', 'big.txt', '--out', 'big.jsonl', "
+                f"'--model', {MODEL!r}, '--dimensions', '8', '--batch-size', '1024'];\n"
+                "try:\n    runpy.run_module('lib', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code], cwd=work, env={**env, "EMBEDDINGS_CACHE": "none"},
+                             check=True, capture_output=True, text=True).stdout
+        rss = int(out.strip().splitlines()[-1]) / 1024
+        rows.append(Row("11", f"peak RSS, {count:,} lines to .jsonl", rss, 0, unit="MB",
+                        per_second=count / (time.perf_counter() - t), note="flat in the input size"))
+
+
 SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load,
-            "9": storage, "10": ceiling}
+            "9": storage, "10": ceiling, "11": corpus}
 
 
 def main() -> int:

@@ -149,8 +149,21 @@ def embed(args: argparse.Namespace) -> int:
         started = time.monotonic()
         census = validate(src, max_chars)  # every line checked before the first request
         out = open_output(args.out, census.texts) if args.out else None
-        progress = Progress(census.texts, sys.stderr)
-        outcome = _run(embedder, src, args, out, progress)
+        if census.distinct == census.texts:  # one pass: pay and write
+            progress = Progress(census.texts, sys.stderr)
+            outcome = _run(embedder, src, args, out, progress)
+        else:
+            # Pay first, in full batches of first occurrences (duplicates spread through a file would leave
+            # every batch partly cached, and cost more upstream calls than the distinct texts need); then, for
+            # an output, write it in a second pass that is all cache hits.
+            progress = Progress(census.distinct, sys.stderr)
+            outcome = _run(embedder, src, args, None, progress, only=census)
+            if outcome is None and out is not None:
+                writing = Progress(census.texts, sys.stderr, "writing")
+                outcome = _run(embedder, src, args, out, writing)
+                writing.close()
+            elif out is not None:
+                out.abandon()
     finally:
         src.close()
     elapsed = time.monotonic() - started
@@ -163,17 +176,18 @@ def embed(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 0
     progress.close()
-    left = census.texts - p.done
+    left = p.total - p.done
     again = f"run the same command again to finish: it pays only for the {left} texts not done"
     if isinstance(outcome, KeyboardInterrupt):
-        print(f"interrupted after {p.done} of {census.texts} texts: {summary}; {again}", file=sys.stderr)
+        print(f"interrupted after {p.done} of {p.total} texts: {summary}; {again}", file=sys.stderr)
         return 130
-    print(f"stopped after {p.done} of {census.texts} texts: {summary}", file=sys.stderr)
+    print(f"stopped after {p.done} of {p.total} texts: {summary}", file=sys.stderr)
     print(f"error: {_describe(outcome)}; {again}", file=sys.stderr)
     return 1
 
 
-def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: Progress) -> BaseException | None:
+def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: Progress,
+         only: Any = None) -> BaseException | None:
     """Batches in input order, `concurrency` in flight. On Ctrl-C or a failure, no new batch starts; those in
     flight finish (and are cached); the partial output is removed. Returns None, or what stopped the run."""
     from .corpus import batches
@@ -187,7 +201,7 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
     previous = signal.signal(signal.SIGINT, interrupted) if threading.current_thread() is threading.main_thread() \
         else None
     pending: deque[tuple[int, list[Any], Future[Any]]] = deque()
-    stream = batches(src, args.batch_size)
+    stream = batches(src, args.batch_size, only)
     start = 0
     with ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="embed") as pool:
         try:
@@ -230,8 +244,9 @@ class Progress:
 
     EVERY_S = 3.0
 
-    def __init__(self, total: int, stream: TextIO) -> None:
+    def __init__(self, total: int, stream: TextIO, label: str = "progress") -> None:
         self.total = total
+        self.label = label
         self.stream = stream
         self.done = self.hits = self.misses = self.tokens = 0
         self.started = time.monotonic()
@@ -240,7 +255,8 @@ class Progress:
         if stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="text", file=stream, dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(total=total, unit="text", file=stream, dynamic_ncols=True, smoothing=0.1,
+                             desc=None if label == "progress" else label)
 
     def update(self, count: int, result: Any) -> None:
         self.done += count
@@ -256,7 +272,7 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / rate if rate else 0.0
-            print(f"progress: {self.done}/{self.total} texts ({100 * self.done // self.total}%), {rate:,.0f} texts/s, "
+            print(f"{self.label}: {self.done}/{self.total} texts ({100 * self.done // self.total}%), {rate:,.0f} texts/s, "
                   f"ETA {eta:.0f} s, {self.hits} hits, {self.misses} misses, {self.tokens} tokens billed",
                   file=self.stream, flush=True)
 

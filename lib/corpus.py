@@ -133,42 +133,50 @@ def records(src: Source) -> Iterator[tuple[int, Any, str]]:
 class Census:
     texts: int
     distinct: int
+    first: bytearray  # bit i set: text i is the first occurrence of its text (n/8 bytes, not the texts)
+
+    def is_first(self, index: int) -> bool:
+        return bool(self.first[index >> 3] & (1 << (index & 7)))
 
 
 def validate(src: Source, max_chars: int) -> Census:
     """Check every text before anything is sent, and count texts and distinct texts (on disk, not in memory)."""
-    count = 0
+    count = distinct = 0
+    first = bytearray()
     with tempfile.TemporaryDirectory(prefix="embed-census-") as tmp:
         db = sqlite3.connect(os.path.join(tmp, "seen.sqlite3"), isolation_level=None)
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
         db.execute("CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
         db.execute("BEGIN")
-        pending: list[tuple[bytes]] = []
+        insert = db.cursor()
         for number, _, text in records(src):
             if not text.strip():
                 raise CorpusError(f"{src.name}:{number}: empty text (every line must contain text)")
             if len(text) > max_chars:
                 raise CorpusError(f"{src.name}:{number}: the text has {len(text)} characters; at most {max_chars} "
                                   "are allowed (EMBEDDINGS_MAX_INPUT_CHARS)")
+            if count & 7 == 0:
+                first.append(0)
+            insert.execute("INSERT OR IGNORE INTO seen VALUES (?)",
+                           (hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),))
+            if insert.rowcount == 1:  # not seen before: its first occurrence
+                first[count >> 3] |= 1 << (count & 7)
+                distinct += 1
             count += 1
-            pending.append((hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),))
-            if len(pending) >= 10_000:
-                db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", pending)
-                pending.clear()
-        db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", pending)
-        distinct = db.execute("SELECT count(*) FROM seen").fetchone()[0]
         db.execute("COMMIT")
         db.close()
     if count == 0:
         raise CorpusError(f"{src.name}: no texts")
-    return Census(count, distinct)
+    return Census(count, distinct, first)
 
 
-def batches(src: Source, size: int) -> Iterator[list[tuple[Any, str]]]:
-    """The (id, text) pairs, `size` at a time, in input order."""
+def batches(src: Source, size: int, only: Census | None = None) -> Iterator[list[tuple[Any, str]]]:
+    """The (id, text) pairs, `size` at a time, in input order; with `only`, first occurrences alone."""
     batch: list[tuple[Any, str]] = []
-    for _, ident, text in records(src):
+    for index, (_, ident, text) in enumerate(records(src)):
+        if only is not None and not only.is_first(index):
+            continue
         batch.append((ident, text))
         if len(batch) == size:
             yield batch

@@ -98,6 +98,21 @@ def test_without_out_it_only_fills_the_cache(fake_openai, tmp_path):
     assert "50 hits, 0 misses, 0 tokens billed" in again.stderr and fake_openai.calls == 7
 
 
+def test_spread_duplicates_are_paid_in_full_batches_of_first_occurrences(fake_openai, tmp_path):
+    import random
+
+    distinct = [f"spread {i}" for i in range(30)]
+    texts = distinct + [random.Random(3).choice(distinct) for _ in range(30)]
+    random.Random(4).shuffle(texts)  # duplicates everywhere: every batch of 10 inputs would be partly cached
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    r = run(["embed", "in.txt", "--out", "out.npy", "--batch-size", "10", "--concurrency", "1"],
+            cli_env(fake_openai, tmp_path), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert fake_openai.calls == 3 and sorted(fake_openai.sent_inputs()) == sorted(distinct)  # 30 distinct / 10
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(fake_openai, texts))  # all 60, in order
+    assert "60 texts (30 distinct): 0 hits, 30 misses" in r.stderr
+
+
 # -- bad input: one line, exit 2, nothing sent ---------------------------------------------------------------
 
 BAD = [
