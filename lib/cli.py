@@ -117,8 +117,10 @@ def _describe(exc: EmbeddingError) -> str:
 # -- embed ---------------------------------------------------------------------------------------------------
 
 
-def _embedder(args: argparse.Namespace) -> tuple[Any, int]:
-    """The door to use, and the per-text character limit to validate against."""
+def _embedder(args: argparse.Namespace) -> tuple[Any, int, bool]:
+    """The door to use, the per-text character limit to validate against, and whether a text paid for once is
+    sure to be found again in this run (a persistent cache in this process): only then may the command pay in one
+    pass and write in another."""
     if args.url:
         import os
 
@@ -127,7 +129,7 @@ def _embedder(args: argparse.Namespace) -> tuple[Any, int]:
 
         # The endpoint's limit is its own; validate against the default unless told otherwise.
         limit = int(os.environ.get("EMBEDDINGS_MAX_INPUT_CHARS") or Settings.max_input_chars)
-        return RemoteEmbedder(args.url, args.api_key), limit
+        return RemoteEmbedder(args.url, args.api_key), limit, False  # the endpoint's cache is not ours to know
     from .app import App
     from .config import ConfigError
     from .embedder import Embedder
@@ -137,45 +139,52 @@ def _embedder(args: argparse.Namespace) -> tuple[Any, int]:
     except ConfigError as exc:
         raise CorpusError(f"configuration: {exc}") from None
     app: App = embedder._app
-    return embedder, app.settings.max_input_chars
+    return embedder, app.settings.max_input_chars, app.settings.cache in ("sqlite", "supabase")
 
 
 def embed(args: argparse.Namespace) -> int:
     if args.api_key and not args.url:
         return _fail(2, "--api-key is for --url (in-process runs use the environment's keys)")
-    embedder, max_chars = _embedder(args)
+    embedder, max_chars, persistent = _embedder(args)
     src = open_source(args.input, field=args.field, id_field=args.id_field)
     try:
         started = time.monotonic()
         census = validate(src, max_chars)  # every line checked before the first request
         out = open_output(args.out, census.texts) if args.out else None
-        if census.distinct == census.texts:  # one pass: pay and write
-            progress = Progress(census.texts, sys.stderr)
+        one_pass = census.distinct == census.texts or not persistent
+        progress = Progress(census.texts if one_pass else census.distinct, sys.stderr)
+        passes = [progress]
+        if one_pass:  # pay and write together (no duplicates, or no cache sure to hand paid texts back)
             outcome = _run(embedder, src, args, out, progress)
         else:
             # Pay first, in full batches of first occurrences (duplicates spread through a file would leave
             # every batch partly cached, and cost more upstream calls than the distinct texts need); then, for
-            # an output, write it in a second pass that is all cache hits.
-            progress = Progress(census.distinct, sys.stderr)
-            outcome = _run(embedder, src, args, None, progress, only=census)
-            if outcome is None and out is not None:
+            # an output, write it in a second pass that is all cache hits. A re-run whose first batches are all
+            # cached goes straight to the writing pass (which pays for any rest itself, once).
+            outcome = _run(embedder, src, args, None, progress, only=census,
+                           warm_probe=args.concurrency if out is not None else 0)
+            if out is not None and (outcome is None or isinstance(outcome, _Warm)):
+                progress.close()
                 writing = Progress(census.texts, sys.stderr, "writing")
+                passes.append(writing)
                 outcome = _run(embedder, src, args, out, writing)
-                writing.close()
             elif out is not None:
                 out.abandon()
     finally:
         src.close()
     elapsed = time.monotonic() - started
-    p = progress
-    summary = (f"{census.texts} texts ({census.distinct} distinct): {p.hits} hits, {p.misses} misses, "
-               f"{p.tokens} tokens billed, {elapsed:.1f} s")
+    p = passes[-1]
+    misses, tokens = sum(x.misses for x in passes), sum(x.tokens for x in passes)
+    # Every distinct text was either paid for in this run (a miss, counted once) or found in the cache.
+    hits = max(0, census.distinct - misses) if outcome is None else sum(x.hits for x in passes)
+    summary = (f"{census.texts} texts ({census.distinct} distinct): {hits} hits, {misses} misses, "
+               f"{tokens} tokens billed, {elapsed:.1f} s")
     if outcome is None:
-        progress.close()
+        p.close()
         print(f"done: {summary}" + (f"; vectors in {args.out}" if args.out else "; the cache is filled"),
               file=sys.stderr)
         return 0
-    progress.close()
+    p.close()
     left = p.total - p.done
     again = f"run the same command again to finish: it pays only for the {left} texts not done"
     if isinstance(outcome, KeyboardInterrupt):
@@ -186,8 +195,12 @@ def embed(args: argparse.Namespace) -> int:
     return 1
 
 
+class _Warm(Exception):
+    """The pay pass found its first batches all cached: a re-run, better served by the writing pass alone."""
+
+
 def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: Progress,
-         only: Any = None) -> BaseException | None:
+         only: Any = None, warm_probe: int = 0) -> BaseException | None:
     """Batches in input order, `concurrency` in flight. On Ctrl-C or a failure, no new batch starts; those in
     flight finish (and are cached); the partial output is removed. Returns None, or what stopped the run."""
     from .corpus import batches
@@ -226,6 +239,11 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
                 if out is not None and not stop:
                     out.write(ids, first, result.vectors)
                 progress.update(len(ids), result)
+                if warm_probe and not stop:
+                    if result.misses:
+                        warm_probe = 0  # not a re-run: pay on
+                    elif progress.batches >= warm_probe:
+                        stop.append(_Warm())
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -248,7 +266,7 @@ class Progress:
         self.total = total
         self.label = label
         self.stream = stream
-        self.done = self.hits = self.misses = self.tokens = 0
+        self.done = self.hits = self.misses = self.tokens = self.batches = 0
         self.started = time.monotonic()
         self._last = self.started
         self._bar: Any = None
@@ -260,6 +278,7 @@ class Progress:
 
     def update(self, count: int, result: Any) -> None:
         self.done += count
+        self.batches += 1
         self.hits += result.hits
         self.misses += result.misses
         self.tokens += result.tokens

@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{host}:{port}"
     print(f"Embeddings dev server on {url}  (provider={app.settings.provider}, model={app.default_model}, "
           f"cache={app.settings.cache})", flush=True)
+    print(f"  open {url}/ for the playground, or", flush=True)
     print(f"""  curl -s {url}/v1/embeddings -H 'content-type: application/json' """
           f"""-d '{{"input": "hello world"}}'""", flush=True)
     try:

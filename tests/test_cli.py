@@ -113,6 +113,27 @@ def test_spread_duplicates_are_paid_in_full_batches_of_first_occurrences(fake_op
     assert "60 texts (30 distinct): 0 hits, 30 misses" in r.stderr
 
 
+def test_a_rerun_with_duplicates_skips_the_pay_pass_and_pays_nothing(fake_openai, tmp_path):
+    texts = [f"again {i % 25}" for i in range(100)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    env = cli_env(fake_openai, tmp_path)
+    assert run(["embed", "in.txt", "--batch-size", "10"], env, tmp_path).returncode == 0
+    calls = fake_openai.calls
+    r = run(["embed", "in.txt", "--out", "out.npy", "--batch-size", "10"], env, tmp_path)
+    assert r.returncode == 0 and fake_openai.calls == calls
+    assert "100 texts (25 distinct): 25 hits, 0 misses, 0 tokens billed" in r.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(fake_openai, texts))
+
+
+def test_without_a_persistent_cache_duplicates_are_never_paid_twice_by_a_second_pass(fake_openai, tmp_path):
+    texts = [f"memory only {i % 5}" for i in range(10)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    r = run(["embed", "in.txt", "--out", "out.npy"], cli_env(fake_openai, tmp_path, EMBEDDINGS_CACHE="memory"),
+            tmp_path)
+    assert r.returncode == 0 and sorted(fake_openai.sent_inputs()) == sorted(set(texts))
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(fake_openai, texts))
+
+
 # -- bad input: one line, exit 2, nothing sent ---------------------------------------------------------------
 
 BAD = [
