@@ -171,7 +171,7 @@ def test_sigint_mid_run_then_resume_pays_only_for_the_rest(fake_openai, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "lib", "embed", "in.txt", "--out", "out.npy", "--batch-size",
                              "10", "--concurrency", "2"], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while fake_openai.calls < 18 and time.monotonic() < deadline:  # past the first progress line (3 s)
+    while fake_openai.calls < 22 and time.monotonic() < deadline:  # well past the first progress line (3 s)
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=30)[1].decode()
