@@ -130,7 +130,6 @@ def _embedder(args: argparse.Namespace) -> tuple[Any, int, bool]:
         # The endpoint's limit is its own; validate against the default unless told otherwise.
         limit = int(os.environ.get("EMBEDDINGS_MAX_INPUT_CHARS") or Settings.max_input_chars)
         return RemoteEmbedder(args.url, args.api_key), limit, False  # the endpoint's cache is not ours to know
-    from .app import App
     from .config import ConfigError
     from .embedder import Embedder
 
@@ -138,8 +137,7 @@ def _embedder(args: argparse.Namespace) -> tuple[Any, int, bool]:
         embedder = Embedder.from_env()
     except ConfigError as exc:
         raise CorpusError(f"configuration: {exc}") from None
-    app: App = embedder._app
-    return embedder, app.settings.max_input_chars, app.settings.cache in ("sqlite", "supabase")
+    return embedder, embedder.settings.max_input_chars, embedder.settings.cache in ("sqlite", "supabase")
 
 
 def embed(args: argparse.Namespace) -> int:

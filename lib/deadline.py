@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -21,6 +21,17 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining() <= 0.0
+
+
+def collect(chunks: Iterable[bytes], gave_up: threading.Event) -> bytes:
+    """A streamed body, read chunk by chunk until it ends or the caller of `run_within` gives up (then the
+    worker stops here, leaving its `with` block, which closes the connection)."""
+    parts = []
+    for chunk in chunks:
+        if gave_up.is_set():
+            raise TimeoutError("the caller gave up waiting for this body")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def run_within(work: Callable[[threading.Event], T], seconds: float) -> T:

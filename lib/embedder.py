@@ -21,7 +21,7 @@ from typing import Any
 
 from . import config
 from .app import App, get_app
-from .errors import APIError, EmbeddingError, ProviderError, invalid
+from .errors import APIError, EmbeddingError, ProviderError
 from .vectors import to_floats
 
 # Keyword options and the environment variables they stand for (the README's configuration table).
@@ -117,6 +117,11 @@ class Embedder:
         return self
 
     @property
+    def settings(self) -> config.Settings:
+        """The configuration in force (the endpoint's variables, with this embedder's options)."""
+        return self._app.settings
+
+    @property
     def model(self) -> str:
         """The model used when a call names none."""
         return self._app.default_model
@@ -138,11 +143,7 @@ class Embedder:
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         try:
-            if any(not isinstance(t, str) for t in texts):
-                from .request import _INPUT_SHAPE
-
-                raise invalid(_INPUT_SHAPE, param="input")
-            items, spec, dims = check(texts, model, dimensions, self._app, max_inputs=None)
+            items, spec, dims = check(texts, model, dimensions, self._app, max_inputs=None, texts_only=True)
         except APIError as err:
             raise EmbeddingError.from_api(err) from None
         distinct = list(dict.fromkeys(items))  # each text once across the whole call, not just per request

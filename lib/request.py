@@ -112,17 +112,18 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
             raise invalid(_DIMENSIONS_SHAPE, param="dimensions") from None
         raise invalid(f"'{name}' is invalid: {first.get('msg')}", param=name) from None
 
-    items, model, dimensions = check(req.input, req.model, req.dimensions, app)
+    items, model, dimensions = check(req.input, req.model, req.dimensions, app, max_inputs=s.max_inputs)
     return items, model, dimensions, req.encoding_format or "float"
 
 
 def check(raw: str | list, model_name: str | None, dimensions: int | float | None, app: App, *,
-          max_inputs: int | None = -1) -> tuple[list[Item], ModelSpec, int | None]:
+          max_inputs: int | None, texts_only: bool = False) -> tuple[list[Item], ModelSpec, int | None]:
     """The input rules every door shares (the endpoint after JSON parsing, the in-process `Embedder`):
     inputs, limits, model and dimensions, with the same messages. `max_inputs=None` lifts the count
-    limit (the Embedder splits long lists into requests itself); -1 means the configured limit."""
+    limit (the Embedder splits long lists into requests itself); `texts_only` refuses token ids."""
     s = app.settings
-    limit = s.max_inputs if max_inputs == -1 else max_inputs
+    if texts_only and not isinstance(raw, str) and any(not isinstance(t, str) for t in raw):
+        raise invalid(_INPUT_SHAPE, param="input")
     if isinstance(raw, str):
         items: list[Item] = [raw]
     elif raw and not isinstance(raw[0], (str, list)):
@@ -131,8 +132,9 @@ def check(raw: str | list, model_name: str | None, dimensions: int | float | Non
         items = list(raw)
     if not items:
         raise invalid("'input' must not be empty", param="input")
-    if limit is not None and len(items) > limit:
-        raise invalid(f"'input' has {len(items)} items; at most {limit} are allowed per request", param="input")
+    if max_inputs is not None and len(items) > max_inputs:
+        raise invalid(f"'input' has {len(items)} items; at most {max_inputs} are allowed per request",
+                      param="input")
 
     if model_name is None:
         model = app.registry.get(app.default_model)

@@ -63,7 +63,7 @@ class SQLiteCache:
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._generation = 0  # bumped when the file is found broken: older connections are not reused
-        self._identity: tuple[int, int, bool] | None = None  # (device, inode) of the file our connections have open
+        self._identity: tuple[int, int, bool] | None = None  # see _identity(): the file our connections have open
         # Connections (and the schema) are made on first use, so a broken file degrades requests
         # to cache misses instead of stopping the server from starting.
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..deadline import Deadline, run_within
+from ..deadline import Deadline, collect, run_within
 from ..errors import ProviderError, parse_retry_after, upstream_reason
 from ..models import ModelSpec
 from ..retry import call_with_retries
@@ -80,12 +80,8 @@ class HuggingFaceProvider:
         def fetch(gave_up: threading.Event) -> httpx.Response:
             # Streamed so that a body trickled past the deadline is abandoned between chunks.
             with client.stream("POST", url, json=body, timeout=timeout) as response:
-                chunks = []
-                for chunk in response.iter_bytes():
-                    if gave_up.is_set():
-                        break
-                    chunks.append(chunk)
-                return httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks))
+                content = collect(response.iter_bytes(), gave_up)
+                return httpx.Response(response.status_code, headers=response.headers, content=content)
 
         try:
             response = run_within(fetch, timeout)

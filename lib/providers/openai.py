@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..deadline import Deadline, run_within
+from ..deadline import Deadline, collect, run_within
 from ..errors import ProviderError, parse_retry_after, safe_code, upstream_reason
 from ..models import ModelSpec
 from ..retry import call_with_retries
@@ -92,12 +92,7 @@ def _fetch(client: Any, kwargs: dict[str, Any], gave_up: threading.Event) -> byt
 
     try:
         with client.embeddings.with_streaming_response.create(**kwargs) as response:
-            chunks = []
-            for chunk in response.iter_bytes():
-                if gave_up.is_set():
-                    raise _timed_out()
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return collect(response.iter_bytes(), gave_up)
     except openai.APIStatusError as exc:
         raise _status_error(exc) from None
     except openai.APITimeoutError:
