@@ -15,11 +15,12 @@ $(VENV)/.installed: requirements.prod.txt requirements.dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.dev.txt
 	touch $@
 
-# What Vercel runs: Python 3.12, production requirements only, plus Vercel's Python bridge for the tests.
+# What Vercel runs: Python 3.12, production requirements only, plus Vercel's Python bridge for the tests
+# (and the openai SDK, which production does not use: the cold-start bench's yardstick is `import openai, supabase`).
 $(VENV312)/.installed: requirements.prod.txt
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is needed for Vercel's bridge (pyenv install 3.12)"; exit 1; }
 	$(PYTHON312) -m venv $(VENV312)
-	$(VENV312)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt vercel-runtime==0.24.1
+	$(VENV312)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt vercel-runtime==0.24.1 openai==3.51.0
 	touch $@
 
 # PostgreSQL 15 for the Supabase tests (the suite starts and stops its own throwaway cluster).

@@ -540,16 +540,19 @@ def corpus(s: Setup, rows: list[Row]) -> None:
     rng.shuffle(lines)
     (work / "in.txt").write_text("\n".join(lines) + "\n")
     distinct = len(set(lines))
+    s.openai.memo = {}  # the fake's vectors are computed before the clock starts: its CPU is not ours
+    for text in set(lines):
+        s.openai._vector(MODEL, text)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_"))},
            **s.env("sqlite", 64, EMBEDDINGS_SQLITE_PATH=str(work / "c.sqlite3")), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "lib", "embed", "in.txt", "--model", MODEL, "--batch-size", str(batch),
            "--concurrency", str(concurrency)]
     sent_before, calls_before = len(s.openai.sent_inputs()), s.openai.calls
-    s.openai.script = [Scripted(200, delay=latency)] * 10_000
+    s.openai.script = [Scripted(200, latency=latency)] * 10_000
     t = time.perf_counter()
     subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - t
-    s.openai.script = []
+    s.openai.script, s.openai.memo = [], None
     sent, calls = len(s.openai.sent_inputs()) - sent_before, s.openai.calls - calls_before
     ideal = distinct / batch * latency / concurrency
     rows.append(Row("11", f"embed {n:,} texts (50% dup.), 150 ms upstream: wall", wall, 0, per_second=n / wall,

@@ -29,14 +29,16 @@ class App:
                 f"choose one of {', '.join(self.registry.ids)} (Hugging Face models can be added with HF_MODELS)")
         self.provider = make_provider(settings)
         self.tiers = make_tiers(settings)
-        self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s)
+        self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s,
+                                        max_provider_calls=settings.max_provider_calls)
 
 
 def make_provider(s: config.Settings) -> Provider:
     if s.provider == "openai":
         from .providers.openai import OpenAIProvider
 
-        return OpenAIProvider(s.openai_api_key, s.openai_base_url, timeout_s=s.timeout_s)
+        return OpenAIProvider(s.openai_api_key, s.openai_base_url, timeout_s=s.timeout_s,
+                              organization=s.openai_organization, project=s.openai_project)
     if s.provider == "huggingface":
         from .providers.huggingface import HuggingFaceProvider
 

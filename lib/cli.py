@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TextIO
 
 from .corpus import CorpusError, open_output, open_source, validate
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default=None, help="model id (default: the configured one)")
     embed.add_argument("--dimensions", type=int, default=None, help="shorter vectors (text-embedding-3 only)")
     embed.add_argument("--batch-size", type=_positive, default=256, help="texts per request (default: 256)")
-    embed.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
+    embed.add_argument("--concurrency", type=_positive, default=4, help="provider calls (or, with --url, requests) in flight (default: 4)")
     embed.add_argument("--url", default=None, help="a deployed endpoint's base URL, ending in /v1 (as the openai "
                                                    "SDK's base_url); default: embed in this process")
     embed.add_argument("--api-key", default=None, help="the endpoint's key (with --url)")
@@ -134,7 +134,8 @@ def _embedder(args: argparse.Namespace) -> tuple[Any, int, bool]:
     from .embedder import Embedder
 
     try:
-        embedder = Embedder.from_env()
+        # --concurrency bounds the provider calls; the batches' lookups and cache writes run beside them.
+        embedder = Embedder.from_env(max_provider_calls=args.concurrency)
     except ConfigError as exc:
         raise CorpusError(f"configuration: {exc}") from None
     return embedder, embedder.settings.max_input_chars, embedder.settings.cache in ("sqlite", "supabase")
@@ -214,12 +215,21 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
     pending: deque[tuple[int, list[Any], Future[Any]]] = deque()
     stream = batches(src, args.batch_size, only)
     start = 0
-    with ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="embed") as pool:
+    exhausted = False
+    # `lanes` batches running at once; finished ones wait for the oldest (the output is in input order), so a
+    # slow batch does not hold back the next. At most twice that many are held.
+    # In this process, a few batches more than --concurrency: their lookups and cache writes overlap the
+    # provider calls, which the service itself keeps to --concurrency at once.
+    lanes = args.concurrency + (0 if args.url else max(1, args.concurrency // 2))
+    held = 2 * lanes
+    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="embed") as pool:
         try:
             while True:
-                while not stop and len(pending) < args.concurrency:
+                while not stop and not exhausted and len(pending) < held and \
+                        sum(not f.done() for _, _, f in pending) < lanes:
                     batch = next(stream, None)
                     if batch is None:
+                        exhausted = True
                         break
                     texts = [t for _, t in batch]
                     pending.append((start, [i for i, _ in batch],
@@ -227,6 +237,9 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
                     start += len(texts)
                 if not pending:
                     break
+                if not pending[0][2].done() and not stop and not exhausted and len(pending) < held:
+                    wait([f for _, _, f in pending if not f.done()], return_when=FIRST_COMPLETED)
+                    continue
                 first, ids, future = pending.popleft()
                 try:
                     result = future.result()

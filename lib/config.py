@@ -26,6 +26,8 @@ class Settings:
     memory_cache_bytes: int = 64 * 1024 * 1024
     openai_api_key: str = field(default="", repr=False)
     openai_base_url: str | None = None
+    openai_organization: str | None = None  # sent as OpenAI-Organization, as the SDK does from OPENAI_ORG_ID
+    openai_project: str | None = None  # sent as OpenAI-Project (OPENAI_PROJECT_ID)
     hf_token: str = field(default="", repr=False)
     hf_inference_url: str = "https://router.huggingface.co/hf-inference"
     hf_batch_size: int = 32
@@ -38,6 +40,7 @@ class Settings:
     on_vercel: bool = False
     timeout_s: float = 25.0
     max_inputs: int = 2048
+    max_provider_calls: int = 0  # provider calls in flight in this process at once (0: no limit of ours)
     max_input_chars: int = 50_000
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
@@ -129,6 +132,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         memory_cache_bytes=_int(env, "EMBEDDINGS_MEMORY_CACHE_MB", 64, low=0) * 1024 * 1024,
         openai_api_key=openai_key,
         openai_base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
+        openai_organization=env.get("OPENAI_ORG_ID", "").strip() or None,
+        openai_project=env.get("OPENAI_PROJECT_ID", "").strip() or None,
         hf_token=hf_token,
         hf_inference_url=(env.get("HF_INFERENCE_URL", "").strip() or Settings.hf_inference_url).rstrip("/"),
         hf_batch_size=_int(env, "HF_BATCH_SIZE", 32),
@@ -141,6 +146,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         on_vercel=on_vercel,
         timeout_s=_float(env, "EMBEDDINGS_TIMEOUT_S", 25.0),
         max_inputs=_int(env, "EMBEDDINGS_MAX_INPUTS", 2048),
+        max_provider_calls=_int(env, "EMBEDDINGS_MAX_PROVIDER_CALLS", 0, low=0),
         max_input_chars=_int(env, "EMBEDDINGS_MAX_INPUT_CHARS", 50_000),
         max_body_bytes=_int(env, "EMBEDDINGS_MAX_BODY_BYTES", 4 * 1024 * 1024),
         cors_origins=tuple(o.strip() for o in env.get("EMBEDDINGS_CORS_ORIGINS", "").split(",") if o.strip()),

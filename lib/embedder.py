@@ -33,6 +33,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "memory_cache_mb": ("EMBEDDINGS_MEMORY_CACHE_MB",),
     "openai_api_key": ("OPENAI_API_KEY",),
     "openai_base_url": ("OPENAI_BASE_URL",),
+    "openai_organization": ("OPENAI_ORG_ID",),
+    "openai_project": ("OPENAI_PROJECT_ID",),
     "hf_token": ("HF_TOKEN",),
     "hf_inference_url": ("HF_INFERENCE_URL",),
     "hf_models": ("HF_MODELS",),
@@ -43,6 +45,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "supabase_timeout_s": ("SUPABASE_TIMEOUT_S",),
     "timeout_s": ("EMBEDDINGS_TIMEOUT_S",),
     "max_inputs": ("EMBEDDINGS_MAX_INPUTS",),
+    "max_provider_calls": ("EMBEDDINGS_MAX_PROVIDER_CALLS",),
     "max_input_chars": ("EMBEDDINGS_MAX_INPUT_CHARS",),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import numpy as np
 import pytest
@@ -152,3 +153,21 @@ def test_a_row_of_the_wrong_length_is_ignored_and_replaced(monkeypatch, fake_ope
     with sqlite3.connect(tmp_path / "cache.sqlite3") as db:
         (length,) = db.execute("SELECT length(vector) FROM embedding_cache WHERE key = ?", (key,)).fetchone()
     assert length == 4 * 1536
+
+
+def test_what_goes_upstream_is_openais_request(monkeypatch, fake_openai, tmp_path, serve):
+    """The key as a bearer token, organization and project headers when configured, base64 asked for, and the
+    body OpenAI documents (the provider speaks the wire format itself, not through the SDK)."""
+    openai_env(monkeypatch, fake_openai.url, tmp_path)
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-test")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj_test")
+    r = serve().embed({"input": ["pear"], "model": "text-embedding-3-small", "dimensions": 256})
+    assert r.status_code == 200, r.text
+    sent = fake_openai.requests[-1]
+    headers = {k.lower(): v for k, v in sent["headers"].items()}
+    assert sent["path"] == "/embeddings"
+    assert headers["authorization"] == f"Bearer {os.environ['OPENAI_API_KEY']}"
+    assert headers["openai-organization"] == "org-test" and headers["openai-project"] == "proj_test"
+    assert headers["content-type"] == "application/json"
+    assert sent["body"] == {"input": ["pear"], "model": "text-embedding-3-small", "encoding_format": "base64",
+                            "dimensions": 256}

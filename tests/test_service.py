@@ -112,3 +112,43 @@ def test_concurrent_overlapping_calls_pay_each_text_once():
     assert sorted(provider.sent) == sorted(set(provider.sent))
     for mine, result in out:
         assert result.vectors == [vector(t) for t in mine]
+
+
+class CountingProvider(BlockingProvider):
+    """Counts the calls in flight at once (each call lasts 0.2 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def embed(self, items: Sequence, model: ModelSpec, dimensions: int | None, deadline: Deadline) -> Batch:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            threading.Event().wait(0.2)
+            return Batch([vector(t) for t in items], len(items))
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_max_provider_calls_bounds_the_calls_in_flight_across_threads():
+    """The corpus command's --concurrency: more batches under way than provider calls, never more calls."""
+    for limit, expected in ((2, 2), (0, 6)):
+        provider = CountingProvider()
+        service = EmbeddingService(Registry("openai"), provider, [MemoryCache()], timeout_s=10,
+                                   max_provider_calls=limit)
+        barrier = threading.Barrier(6)
+
+        def call(n: int) -> None:
+            barrier.wait()
+            assert service.embed([f"batch {n}"], MODEL, None).misses == 1
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert provider.most == expected, (limit, provider.most)

@@ -31,7 +31,9 @@ def vector_for(model: str, item: Any, dims: int) -> np.ndarray:
 @dataclass
 class Scripted:
     """One scripted answer: status, JSON body (or raw bytes), headers, an optional delay before the
-    answer, and an optional trickle (headers at once, then the body one byte every `trickle` seconds)."""
+    answer, an optional trickle (headers at once, then the body one byte every `trickle` seconds), and an
+    optional latency: the answer leaves that long after the request arrived, its computation included
+    (as a real provider's latency does; `delay` comes on top of the fake's own work)."""
 
     status: int
     body: Any = None
@@ -39,6 +41,7 @@ class Scripted:
     delay: float = 0.0
     raw: bytes | None = None
     trickle: float = 0.0
+    latency: float = 0.0
 
 
 class Upstream:
@@ -52,6 +55,7 @@ class Upstream:
 
         class Handler(QuietHandler):
             def do_POST(self) -> None:
+                arrived = time.monotonic()
                 length = int(self.headers.get("content-length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
                 with upstream.lock:
@@ -67,6 +71,8 @@ class Upstream:
                     if payload is None and raw is None:
                         payload = upstream.answer(self.path, body)  # the right answer, however it is sent
                 data = raw if raw is not None else json.dumps(payload).encode()
+                if scripted is not None and scripted.latency:
+                    time.sleep(max(0.0, scripted.latency - (time.monotonic() - arrived)))
                 if scripted is not None and scripted.trickle:
                     self.trickle(status, data, scripted.trickle)
                 else:
@@ -118,6 +124,19 @@ NATIVE = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-
 class FakeOpenAI(Upstream):
     """`POST /embeddings` as OpenAI answers it (base64 or float, usage counted)."""
 
+    # Set to {} to remember each input's vector: the benchmarks' fake then costs little CPU per call, as a
+    # remote provider costs ours none (its work is in its latency, not on our cores).
+    memo: dict[tuple[str, str], np.ndarray] | None = None
+
+    def _vector(self, model: str, item: Any) -> np.ndarray:
+        if self.memo is None:
+            return vector_for(model, item, NATIVE[model])
+        key = (model, json.dumps(item))
+        v = self.memo.get(key)
+        if v is None:
+            v = self.memo[key] = vector_for(model, item, NATIVE[model])
+        return v
+
     def answer(self, path: str, body: Any) -> Any:
         model = body["model"]
         dims = body.get("dimensions") or NATIVE[model]
@@ -126,7 +145,7 @@ class FakeOpenAI(Upstream):
             inputs = [inputs]
         data = []
         for i, item in enumerate(inputs):
-            v = vector_for(model, item, NATIVE[model])[:dims]
+            v = self._vector(model, item)[:dims]
             if body.get("dimensions"):
                 v = (v / np.linalg.norm(v)).astype(np.float32)
             emb = base64.b64encode(v.tobytes()).decode() if body.get("encoding_format") == "base64" else v.tolist()

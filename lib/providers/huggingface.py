@@ -2,7 +2,7 @@
 
 `POST {HF_INFERENCE_URL}/models/{model}/pipeline/feature-extraction` with
 `{"inputs": [...], ...options}` at the top level, through one httpx client per
-process (connection reuse, thread-safe). Inputs always go as a list; the answer is
+provider (`lib.providers.http`). Inputs always go as a list; the answer is
 normalised by its number of dimensions:
 
 - 2-D `[batch][dims]`: one sentence vector per input (text-embeddings-inference and
@@ -16,16 +16,17 @@ normalised by its number of dimensions:
 
 from __future__ import annotations
 
-import threading
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..deadline import Deadline, collect, run_within
+from ..deadline import Deadline
 from ..errors import ProviderError, parse_retry_after, upstream_reason
 from ..models import ModelSpec
 from ..retry import call_with_retries
 from ..vectors import from_floats
 from .base import Batch, Item, chunk_by_limits
+from .http import Answer, HTTPClient
 
 
 class HuggingFaceProvider:
@@ -34,24 +35,11 @@ class HuggingFaceProvider:
 
     def __init__(self, token: str, base_url: str, *, batch_size: int = 32, options: Mapping[str, object] | None = None,
                  timeout_s: float = 20.0) -> None:
-        self._token = token
         self._base_url = base_url.rstrip("/")
         self.batch_size = batch_size
         self.options = dict(options or {})
         self._timeout_s = timeout_s
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def _http(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                import httpx
-
-                self._client = httpx.Client(
-                    headers={"Authorization": f"Bearer {self._token}"},
-                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-                )
-            return self._client
+        self._http = HTTPClient({"Authorization": f"Bearer {token}"})
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return self.options
@@ -63,41 +51,19 @@ class HuggingFaceProvider:
         if not all(isinstance(x, str) for x in items):
             raise ProviderError(400, "Token-id inputs are only accepted by OpenAI models", retryable=False,
                                 code="invalid_input", type="invalid_request_error")
-        body = {"inputs": list(items), **self.options}
+        body = json.dumps({"inputs": list(items), **self.options}, separators=(",", ":")).encode()
         url = f"{self._base_url}/models/{model.id}/pipeline/feature-extraction"
-        return call_with_retries(lambda: self._call(url, body, len(items), model.id, deadline), deadline,
-                                 what="huggingface")
 
-    def _call(self, url: str, body: dict[str, Any], count: int, model_id: str, deadline: Deadline) -> Batch:
-        import httpx
+        def once() -> Batch:
+            answer = self._http.post_json(url, body, min(self._timeout_s, deadline.remaining()))
+            if answer.status != 200:
+                raise _status_error(answer, model.id)
+            data = answer.json()
+            if data is None:
+                raise _malformed("not JSON")
+            return Batch([from_floats(v) for v in _sentence_vectors(data, len(items), model.id)], 0)
 
-        timeout = min(self._timeout_s, deadline.remaining())
-        if timeout <= 0:
-            raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
-                                code="provider_timeout")
-        client = self._http()
-
-        def fetch(gave_up: threading.Event) -> httpx.Response:
-            # Streamed so that a body trickled past the deadline is abandoned between chunks.
-            with client.stream("POST", url, json=body, timeout=timeout) as response:
-                content = collect(response.iter_bytes(), gave_up)
-                return httpx.Response(response.status_code, headers=response.headers, content=content)
-
-        try:
-            response = run_within(fetch, timeout)
-        except (TimeoutError, httpx.TimeoutException):
-            raise ProviderError(504, "The embedding provider timed out", retryable=True,
-                                code="provider_timeout") from None
-        except httpx.TransportError:
-            raise ProviderError(502, "Could not connect to the embedding provider", retryable=True,
-                                code="provider_unreachable") from None
-        if response.status_code != 200:
-            raise _status_error(response, model_id)
-        try:
-            data = response.json()
-        except ValueError:
-            raise _malformed("not JSON") from None
-        return Batch([from_floats(v) for v in _sentence_vectors(data, count, model_id)], 0)
+        return call_with_retries(once, deadline, what="huggingface")
 
 
 def _malformed(why: str) -> ProviderError:
@@ -130,15 +96,12 @@ def _sentence_vectors(data: Any, count: int, model_id: str) -> list[list[float]]
     return data
 
 
-def _status_error(response: Any, model_id: str) -> ProviderError:
-    status = response.status_code
-    try:
-        payload = response.json()
-    except ValueError:
-        payload = {}
+def _status_error(answer: Answer, model_id: str) -> ProviderError:
+    status = answer.status
+    payload = answer.json()
     err = payload.get("error") if isinstance(payload, dict) else None
     message = err if isinstance(err, str) else (err.get("message") if isinstance(err, dict) else None)
-    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    retry_after = parse_retry_after(answer.headers.get("retry-after"))
     if status == 503 and isinstance(payload, dict) and "estimated_time" in payload:
         wait = parse_retry_after(payload["estimated_time"])
         wait = 5.0 if wait is None else wait

@@ -1,55 +1,52 @@
-"""OpenAI's embeddings API through the official SDK.
+"""OpenAI's embeddings API: `POST {base_url}/embeddings`, spoken directly over httpx.
 
-The SDK is imported on the first miss, never on a cache hit (it costs about a
-second to import). Its own retries are off: ours (`lib.retry`) honour the
-deadline and never retry what cannot succeed. We ask for base64 so the bytes we
-cache are exactly the float32 values OpenAI computed.
+Not through the `openai` SDK: importing it costs about half a second (its types), on the
+first miss of every cold function and at the start of every corpus run, and the SDK would
+give us nothing we keep: its retries are off (ours, `lib.retry`, honour the deadline and
+never retry what cannot succeed), its parse would cost a second copy of every vector, and
+its timeout bounds each socket read, not a call (`lib.providers.http` bounds the call).
+We send what the SDK sends that matters: the key as a bearer token, `OpenAI-Organization`
+and `OpenAI-Project` when configured, and ask for base64, so the bytes we cache are exactly
+the float32 values OpenAI computed.
 
-Two things the SDK does not do for us, because a wrong answer here would be cached for good:
-- one deadline per attempt: the SDK's timeout bounds each socket read, so an upstream that
-  trickles its body a byte at a time never times out. Each attempt is bounded as a whole
-  (`lib.deadline.run_within`);
-- a strict reading of the answer: every index 0..n-1 exactly once, a finite integer usage,
-  vectors as base64 or numbers. Anything else is `provider_malformed`, and nothing is cached.
+The answer is read strictly, because a wrong answer here would be cached for good: every
+index 0..n-1 exactly once, a non-negative integer usage, vectors as base64 or numbers.
+Anything else is `provider_malformed`, and nothing is cached.
 """
 
 from __future__ import annotations
 
-import threading
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..deadline import Deadline, collect, run_within
+from ..deadline import Deadline
 from ..errors import ProviderError, parse_retry_after, safe_code, upstream_reason
 from ..models import ModelSpec
 from ..retry import call_with_retries
 from ..vectors import from_base64
 from .base import Batch, Item, chunk_by_limits
+from .http import Answer, HTTPClient
 
 MAX_ITEMS = 2048
 MAX_TOKENS = 300_000
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAIProvider:
     name = "openai"
     concurrency = 4
 
-    def __init__(self, api_key: str, base_url: str | None = None, timeout_s: float = 20.0) -> None:
-        self._api_key = api_key
-        self._base_url = base_url
+    def __init__(self, api_key: str, base_url: str | None = None, timeout_s: float = 20.0, *,
+                 organization: str | None = None, project: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"}
+        if organization:
+            headers["OpenAI-Organization"] = organization
+        if project:
+            headers["OpenAI-Project"] = project
+        self._http = HTTPClient(headers)
+        self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/embeddings"
         self._timeout_s = timeout_s
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def _sdk(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                import openai
-
-                self._client = openai.OpenAI(
-                    api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout_s
-                )
-            return self._client
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return {}
@@ -58,48 +55,19 @@ class OpenAIProvider:
         return chunk_by_limits(items, MAX_ITEMS, MAX_TOKENS)
 
     def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None, deadline: Deadline) -> Batch:
-        client = self._sdk()
-        payload = [x if isinstance(x, str) else list(x) for x in items]
+        request: dict[str, Any] = {"input": [x if isinstance(x, str) else list(x) for x in items], "model": model.id,
+                                   "encoding_format": "base64"}
+        if dimensions is not None:
+            request["dimensions"] = dimensions
+        body = json.dumps(request, separators=(",", ":")).encode()  # stdlib: a lone surrogate is escaped, not refused
 
         def once() -> Batch:
-            return self._attempt(client, payload, model.id, dimensions, deadline)
+            answer = self._http.post_json(self._url, body, min(self._timeout_s, deadline.remaining()))
+            if answer.status != 200:
+                raise _status_error(answer)
+            return _parse(answer.body, len(items))
 
         return call_with_retries(once, deadline, what="openai")
-
-    def _attempt(self, client: Any, payload: list, model: str, dimensions: int | None, deadline: Deadline) -> Batch:
-        """One call, over by `min(attempt timeout, time left)` whatever the upstream does."""
-        budget = min(self._timeout_s, deadline.remaining())
-        if budget <= 0:
-            raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
-                                code="provider_timeout")
-        kwargs: dict[str, Any] = {"input": payload, "model": model, "encoding_format": "base64", "timeout": budget}
-        if dimensions is not None:
-            kwargs["dimensions"] = dimensions
-        try:
-            raw = run_within(lambda gave_up: _fetch(client, kwargs, gave_up), budget)
-        except TimeoutError:
-            raise _timed_out() from None
-        return _parse(raw, len(payload))
-
-
-def _timed_out() -> ProviderError:
-    return ProviderError(504, "The embedding provider timed out", retryable=True, code="provider_timeout")
-
-
-def _fetch(client: Any, kwargs: dict[str, Any], gave_up: threading.Event) -> bytes:
-    """The raw answer body (read by us: the SDK's own parse would cost a second copy of every vector)."""
-    import openai
-
-    try:
-        with client.embeddings.with_streaming_response.create(**kwargs) as response:
-            return collect(response.iter_bytes(), gave_up)
-    except openai.APIStatusError as exc:
-        raise _status_error(exc) from None
-    except openai.APITimeoutError:
-        raise _timed_out() from None
-    except openai.APIConnectionError:
-        raise ProviderError(502, "Could not connect to the embedding provider", retryable=True,
-                            code="provider_unreachable") from None
 
 
 def _malformed(why: str) -> ProviderError:
@@ -168,16 +136,16 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return parse_retry_after(headers.get("retry-after"))
 
 
-def _status_error(exc: Any) -> ProviderError:
+def _status_error(answer: Answer) -> ProviderError:
     """Map OpenAI's answer to what our caller should see. From a 400 the caller gets the reason only
     (scrubbed, bounded) and our code unless OpenAI's is a known-safe token; key problems say nothing
     of the upstream's text, which could echo the key."""
-    status = exc.status_code
-    body = exc.body if isinstance(exc.body, dict) else {}
-    err = body.get("error", body) if isinstance(body, dict) else {}
+    status = answer.status
+    body = answer.json()
+    err = body.get("error", body) if isinstance(body, dict) else {}  # where the SDK looks too
     code = err.get("code") if isinstance(err, dict) else None
     message = err.get("message") if isinstance(err, dict) else None
-    retry_after = _retry_after(exc.response.headers)
+    retry_after = _retry_after(answer.headers)
     if status == 429 and code == "insufficient_quota":
         return ProviderError(502, "The embedding provider refused: the server's account has no quota left",
                              retryable=False, code="provider_insufficient_quota")

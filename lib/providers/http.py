@@ -1,0 +1,76 @@
+"""The HTTP plumbing both remote providers share.
+
+One httpx client per provider (connection reuse, thread-safe), made on the first miss:
+httpx is never imported on a cache hit. One POST is bounded as a whole by the request's
+deadline, not per socket read: a client timeout bounds each read, so an upstream that
+trickles its body a byte at a time would never time out. The body is streamed and
+collected in a worker (`lib.deadline.run_within`), abandoned between chunks on time-out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..deadline import collect, run_within
+from ..errors import ProviderError
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: Mapping[str, str]  # case-insensitive (httpx.Headers)
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON, or None when it is not JSON (an error page, an empty body)."""
+        import orjson
+
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+
+
+class HTTPClient:
+    """A lazily made httpx client with fixed headers (the provider's credentials)."""
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        self._headers = dict(headers)
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _http(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import httpx
+
+                self._client = httpx.Client(
+                    headers=self._headers, limits=httpx.Limits(max_connections=16, max_keepalive_connections=8)
+                )
+            return self._client
+
+    def post_json(self, url: str, body: bytes, budget: float) -> Answer:
+        """POST a JSON body; the whole answer within `budget` seconds, or a 504 `provider_timeout`."""
+        import httpx
+
+        if budget <= 0:
+            raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
+                                code="provider_timeout")
+        client = self._http()
+
+        def fetch(gave_up: threading.Event) -> Answer:
+            with client.stream("POST", url, content=body, headers={"content-type": "application/json"},
+                               timeout=budget) as response:
+                return Answer(response.status_code, response.headers, collect(response.iter_bytes(), gave_up))
+
+        try:
+            return run_within(fetch, budget)
+        except (TimeoutError, httpx.TimeoutException):
+            raise ProviderError(504, "The embedding provider timed out", retryable=True,
+                                code="provider_timeout") from None
+        except httpx.TransportError:
+            raise ProviderError(502, "Could not connect to the embedding provider", retryable=True,
+                                code="provider_unreachable") from None
