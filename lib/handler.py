@@ -192,7 +192,11 @@ class Endpoint(BaseHTTPRequestHandler):
         body = response.body
         self.send_response(response.status)
         self.send_header("content-type", response.content_type)
-        self.send_header("content-length", str(len(body) if isinstance(body, bytes) else sum(map(len, body))))
+        if isinstance(body, rq.Streamed):
+            length = body.length
+        else:
+            length = len(body) if isinstance(body, bytes) else sum(map(len, body))
+        self.send_header("content-length", str(length))
         origin = self._allowed_origin()
         if origin is not None:
             self.send_header("access-control-allow-origin", origin)
@@ -209,6 +213,9 @@ class Endpoint(BaseHTTPRequestHandler):
             return
         if isinstance(body, bytes):
             self.wfile.write(body)
+        elif isinstance(body, rq.Streamed):
+            for group in body:
+                self._write_parts(group)
         else:
             self._write_parts(body)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from dataclasses import dataclass, field
 
@@ -19,10 +19,30 @@ from .errors import APIError, ProviderError, invalid
 from .models import ModelSpec
 from .providers.base import Item
 
+class Streamed:
+    """An answer too large to hold whole as text, made again group by group as it is sent.
+
+    Its length is learnt first by one formatting pass that keeps only lengths (the Content-Length goes
+    before the body, and a bridge may not pass chunked answers on), so at no point is more than one group's
+    text held beside the vectors. Formatting is deterministic: both passes give the same bytes."""
+
+    def __init__(self, head: bytes, groups: Callable[[], Iterator[list[bytes]]], tail: bytes) -> None:
+        self.head, self.tail, self._groups = head, tail, groups
+        self.length = len(head) + len(tail) + sum(sum(map(len, g)) for g in groups())
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        """The answer's parts, a group (a list of buffers) at a time."""
+        yield [self.head]
+        yield from self._groups()
+        yield [self.tail]
+
+
 @dataclass
 class Response:
     status: int
-    body: bytes | list[bytes]  # a large answer stays in parts: sent without joining them (`lib.handler`)
+    # A large answer stays in parts: sent without joining them (`lib.handler`); a very large float answer is
+    # made as it is sent (`Streamed`).
+    body: bytes | list[bytes] | Streamed
     headers: dict[str, str] = field(default_factory=dict)
     inputs: int = 0  # for the access log
     hits: int = 0
@@ -212,23 +232,46 @@ def embeddings(body: bytes, app: App) -> Response:
         raise exc.to_api_error() from None
     # Kept as parts, never joined here: a 2048-input answer is tens of MB, and the socket takes the parts as
     # they are (one sendmsg); only a connection that is not a socket gets one joined copy.
-    parts = [b'{"object":"list","data":[']
+    head = b'{"object":"list","data":['
+    tail = (f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
+            f'"total_tokens":{result.tokens}}}}}'.encode())
+    vectors = result.vectors
+    body: list[bytes] | Streamed
     if fmt == "base64":
         from pybase64 import b64encode as b64  # SIMD: 4x the stdlib's speed, the same bytes
-        for i, v in enumerate(result.vectors):
-            parts += (b'{"object":"embedding","index":', str(i).encode(), b',"embedding":"', b64(v), b'"},')
-    else:
-        from .vectors import float_json  # numpy and orjson: float answers only
 
-        for i, text in enumerate(float_json(result.vectors)):
-            parts += (b'{"object":"embedding","index":', str(i).encode(), b',"embedding":', text, b"},")
-    parts[-1] = parts[-1][:-1]  # no comma after the last item
-    parts.append(f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
-                 f'"total_tokens":{result.tokens}}}}}'.encode())
+        body = [head]
+        for i, v in enumerate(vectors):
+            body += (b',{"object":"embedding","index":' if i else b'{"object":"embedding","index":', str(i).encode(),
+                     b',"embedding":"', b64(v), b'"}')
+        body.append(tail)
+    elif sum(map(len, vectors)) <= STREAM_FLOAT_ABOVE:
+        body = [head, *_float_items(vectors, 0, len(vectors)), tail]
+    else:
+        # Float text is about three times its vectors: a large answer is made group by group as it is sent.
+        body = Streamed(head, lambda: (_float_items(vectors, i, min(i + FLOAT_GROUP, len(vectors)))
+                                       for i in range(0, len(vectors), FLOAT_GROUP)), tail)
     headers = {"x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
     if result.cache_errors:
         headers["x-cache-error"] = ",".join(result.cache_errors)
-    return Response(200, parts, headers, len(items), result.hits, result.misses)
+    return Response(200, body, headers, len(items), result.hits, result.misses)
+
+
+# A float answer of more vectors than this (in bytes; 4 MiB is about 680 vectors of 1536 floats) is formatted
+# twice, once for its length and once as it is sent, rather than held whole as text.
+STREAM_FLOAT_ABOVE = 4 << 20
+FLOAT_GROUP = 64  # vectors formatted at a time in a streamed answer
+
+
+def _float_items(vectors: list[bytes], start: int, end: int) -> list[bytes]:
+    """The answer's items for vectors[start:end], as parts (a comma before every item but the first)."""
+    from .vectors import float_json  # numpy and orjson: float answers only
+
+    parts: list[bytes] = []
+    for i, text in enumerate(float_json(vectors[start:end]), start):
+        parts += (b',{"object":"embedding","index":' if i else b'{"object":"embedding","index":', str(i).encode(),
+                  b',"embedding":', text, b"}")
+    return parts
 
 
 def health(app: App) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import numpy as np
@@ -78,6 +79,23 @@ def test_float_answer_uses_shortest_float32_digits(server, fake_openai):
     assert np.array([float(n) for n in numbers], dtype=np.float32).tobytes() == expected.tobytes()
     # as short as numpy's shortest float32 form, never 17-digit float64 noise
     assert [sig_digits(n) for n in numbers] == [sig_digits(str(x)) for x in expected]
+
+
+def test_a_float_answer_too_large_to_hold_as_text_is_the_same_answer(server, fake_openai):
+    """Past 4 MiB of vectors the float answer is made as it is sent (its length learnt in a first pass): the
+    same bytes a small answer would have, the right Content-Length, and the same digits and order."""
+    texts = [f"large float answer {i}" for i in range(800)]  # 800 x 6 KB of vectors: past the 4 MiB mark
+    big = server.embed({"input": texts, "encoding_format": "float"})
+    assert big.status_code == 200 and int(big.headers["content-length"]) == len(big.content)
+    data = big.json()["data"]
+    assert [d["index"] for d in data] == list(range(800))
+    assert all(vec(d).tobytes() == fake_openai.expected("text-embedding-3-small", t).tobytes()
+               for d, t in zip(data, texts))
+    # Byte for byte what the same items say in small answers (all hits now).
+    small = [server.embed({"input": texts[i:i + 100], "encoding_format": "float"}).json() for i in range(0, 800, 100)]
+    assert json.dumps(data) == json.dumps([dict(d, index=d["index"] + 100 * n) for n, a in enumerate(small)
+                                           for d in a["data"]])
+    assert big.text.count('"embedding":[') == 800 and big.text.endswith('"total_tokens":3200}}')
 
 
 def test_keys_differ_across_model_and_dimensions(server, fake_openai):

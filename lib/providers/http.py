@@ -22,7 +22,7 @@ from ..errors import ProviderError
 class Answer:
     status: int
     headers: Mapping[str, str]  # case-insensitive (httpx.Headers)
-    body: bytes
+    body: bytes | bytearray
 
     def json(self) -> Any:
         """The body as JSON, or None when it is not JSON (an error page, an empty body)."""
