@@ -3,8 +3,8 @@ to `.npy` or `.jsonl`, for `python -m lib embed`.
 
 Reading is two passes over the file: `validate` checks every line before the first request (so a bad
 line 90,000 costs nothing) and counts texts and distinct texts; `batches` then streams the texts again.
-Memory is bounded by the batch size, not the corpus: distinct texts are counted in a temporary SQLite
-file, and `.npy` output is written row by row at its place (no numpy needed).
+Memory is bounded by the batch size, not the corpus: distinct texts are counted in memory up to a bound,
+then in a temporary SQLite file, and `.npy` output is written row by row at its place (no numpy needed).
 """
 
 from __future__ import annotations
@@ -139,17 +139,17 @@ class Census:
         return bool(self.first[index >> 3] & (1 << (index & 7)))
 
 
+SEEN_IN_MEMORY = 100_000  # distinct texts counted in a set (about 10 MB); past that, in a temporary SQLite file
+
+
 def validate(src: Source, max_chars: int) -> Census:
-    """Check every text before anything is sent, and count texts and distinct texts (on disk, not in memory)."""
+    """Check every text before anything is sent, and count texts and distinct texts (in memory up to
+    `SEEN_IN_MEMORY` distinct texts; on disk beyond, so that memory stays flat)."""
     count = distinct = 0
     first = bytearray()
+    seen: set[bytes] | None = set()
     with tempfile.TemporaryDirectory(prefix="embed-census-") as tmp:
-        db = sqlite3.connect(os.path.join(tmp, "seen.sqlite3"), isolation_level=None)
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute("CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
-        db.execute("BEGIN")
-        insert = db.cursor()
+        db: sqlite3.Connection | None = None
         for number, _, text in records(src):
             if not text.strip():
                 raise CorpusError(f"{src.name}:{number}: empty text (every line must contain text)")
@@ -158,17 +158,38 @@ def validate(src: Source, max_chars: int) -> Census:
                                   "are allowed (EMBEDDINGS_MAX_INPUT_CHARS)")
             if count & 7 == 0:
                 first.append(0)
-            insert.execute("INSERT OR IGNORE INTO seen VALUES (?)",
-                           (hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),))
-            if insert.rowcount == 1:  # not seen before: its first occurrence
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if seen is not None:
+                new = digest not in seen
+                if new:
+                    seen.add(digest)
+                    if len(seen) > SEEN_IN_MEMORY:
+                        db = _spill(os.path.join(tmp, "seen.sqlite3"), seen)
+                        seen = None
+            else:
+                assert db is not None
+                new = db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (digest,)).rowcount == 1
+            if new:  # not seen before: its first occurrence
                 first[count >> 3] |= 1 << (count & 7)
                 distinct += 1
             count += 1
-        db.execute("COMMIT")
-        db.close()
+        if db is not None:
+            db.execute("COMMIT")
+            db.close()
     if count == 0:
         raise CorpusError(f"{src.name}: no texts")
     return Census(count, distinct, first)
+
+
+def _spill(path: str, seen: set[bytes]) -> sqlite3.Connection:
+    """The digests counted so far, moved to a temporary SQLite file that takes the count on from here."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO seen VALUES (?)", ((h,) for h in seen))
+    return db
 
 
 def batches(src: Source, size: int, only: Census | None = None) -> Iterator[list[tuple[Any, str]]]:

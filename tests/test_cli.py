@@ -275,3 +275,18 @@ def test_help_for_each_command_has_examples(tmp_path, fake_openai):
     for command in ("embed", "stats", "prune"):
         r = run([command, "--help"], cli_env(fake_openai, tmp_path), tmp_path)
         assert r.returncode == 0 and "examples:" in r.stdout and "python -m lib" in r.stdout
+
+
+def test_the_census_counts_the_same_in_memory_and_past_its_spill_to_disk(tmp_path, monkeypatch):
+    """Distinct texts are counted in a set up to a bound, then on disk: the first occurrences found are the same."""
+    from lib import corpus
+
+    lines = [f"census text {i % 37}" for i in range(300)] + [f"late text {i % 11}" for i in range(50)]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    whole = corpus.validate(corpus.open_source(str(tmp_path / "in.txt")), 1000)
+    monkeypatch.setattr(corpus, "SEEN_IN_MEMORY", 10)
+    spilled = corpus.validate(corpus.open_source(str(tmp_path / "in.txt")), 1000)
+    firsts = [i for i, line in enumerate(lines) if line not in lines[:i]]
+    for census in (whole, spilled):
+        assert (census.texts, census.distinct) == (350, 48)
+        assert [i for i in range(350) if census.is_first(i)] == firsts

@@ -42,7 +42,7 @@ class HTTPClient:
         self._client: Any = None
         self._lock = threading.Lock()
 
-    def _http(self) -> Any:
+    def client(self) -> Any:
         with self._lock:
             if self._client is None:
                 import httpx
@@ -59,7 +59,7 @@ class HTTPClient:
         if budget <= 0:
             raise ProviderError(504, "No time left to call the embedding provider", retryable=False,
                                 code="provider_timeout")
-        client = self._http()
+        client = self.client()
 
         def fetch(gave_up: threading.Event) -> Answer:
             with client.stream("POST", url, content=body, headers={"content-type": "application/json"},
