@@ -148,8 +148,6 @@ def embed(args: argparse.Namespace) -> int:
     src = open_source(args.input, field=args.field, id_field=args.id_field)
     try:
         started = time.monotonic()
-        if hasattr(embedder, "warm"):  # the provider's imports and client (or model) load while the input is read
-            threading.Thread(target=embedder.warm, args=(args.model,), name="warm", daemon=True).start()
         census = validate(src, max_chars)  # every line checked before the first request
         out = open_output(args.out, census.texts) if args.out else None
         one_pass = census.distinct == census.texts or not persistent

@@ -133,15 +133,6 @@ class Embedder:
     def models(self) -> list[str]:
         return self._app.registry.ids
 
-    def warm(self, model: str | None = None) -> None:
-        """Make the provider ready for its first call (its imports and HTTP client, or the local model loaded)
-        without calling it: a caller about to embed a lot can do this beside other work, in a thread. Best
-        effort: a problem here shows up, with its proper error, on the first real call."""
-        try:
-            self._app.provider.warm(self._app.registry.get(model or self._app.default_model))
-        except Exception:
-            pass
-
     # -- the one real call -------------------------------------------------------------------------
 
     def embed(self, texts: Sequence[str] | str, *, model: str | None = None,

@@ -39,11 +39,6 @@ class Provider(Protocol):
         """Embed one batch (retrying what may succeed, within the deadline)."""
         ...
 
-    def warm(self, model: ModelSpec) -> None:
-        """Make ready what a first call needs (imports, an HTTP client, a model in memory) without calling
-        out, so that a caller about to make many calls can do it beside other work."""
-        ...
-
 
 def estimate_tokens(item: Item) -> int:
     """A safe over-estimate of an input's tokens without a tokenizer (UTF-8 bytes / 2)."""

@@ -41,9 +41,6 @@ class HuggingFaceProvider:
         self._timeout_s = timeout_s
         self._http = HTTPClient({"Authorization": f"Bearer {token}"})
 
-    def warm(self, model: ModelSpec) -> None:
-        self._http.client()
-
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return self.options
 

@@ -66,9 +66,6 @@ class LocalProvider:
                 self._models[model_id] = model
             return model
 
-    def warm(self, model: ModelSpec) -> None:
-        self._model(model.id)
-
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return {}
 

@@ -48,10 +48,6 @@ class OpenAIProvider:
         self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/embeddings"
         self._timeout_s = timeout_s
 
-    def warm(self, model: ModelSpec) -> None:
-        self._http.client()
-        _answer_validator()
-
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return {}
 
