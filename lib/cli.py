@@ -158,10 +158,10 @@ def embed(args: argparse.Namespace) -> int:
         else:
             # Pay first, in full batches of first occurrences (duplicates spread through a file would leave
             # every batch partly cached, and cost more upstream calls than the distinct texts need); then, for
-            # an output, write it in a second pass that is all cache hits. A re-run whose first batches are all
-            # cached goes straight to the writing pass (which pays for any rest itself, once).
+            # an output, write it in a second pass that is all cache hits. A re-run whose first batch is all cached
+            # goes straight to the writing pass (which pays for any rest itself, once).
             outcome = _run(embedder, src, args, None, progress, only=census,
-                           warm_probe=args.concurrency if out is not None else 0)
+                           warm_probe=1 if out is not None else 0)
             if out is not None and (outcome is None or isinstance(outcome, _Warm)):
                 progress.close()
                 writing = Progress(census.texts, sys.stderr, "writing")
@@ -216,17 +216,19 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
     stream = batches(src, args.batch_size, only)
     start = 0
     exhausted = False
-    # `lanes` batches running at once; finished ones wait for the oldest (the output is in input order), so a
-    # slow batch does not hold back the next. At most twice that many are held.
-    # In this process, a few batches more than --concurrency: their lookups and cache writes overlap the
-    # provider calls, which the service itself keeps to --concurrency at once.
+    # `lanes` batches run at once: in this process a few more than --concurrency, so that their lookups and
+    # cache writes overlap the provider calls (the service keeps those to --concurrency at once). Finished
+    # batches wait for the oldest (the output is in input order), so a slow batch does not hold back the
+    # next; at most twice `lanes` are held.
     lanes = args.concurrency + (0 if args.url else max(1, args.concurrency // 2))
     held = 2 * lanes
     with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="embed") as pool:
         try:
             while True:
+                # While probing for a re-run, only the probe's batches go (the rest might not be needed).
                 while not stop and not exhausted and len(pending) < held and \
-                        sum(not f.done() for _, _, f in pending) < lanes:
+                        sum(not f.done() for _, _, f in pending) < lanes and \
+                        (not warm_probe or progress.batches + len(pending) < warm_probe):
                     batch = next(stream, None)
                     if batch is None:
                         exhausted = True
@@ -237,7 +239,8 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
                     start += len(texts)
                 if not pending:
                     break
-                if not pending[0][2].done() and not stop and not exhausted and len(pending) < held:
+                if not pending[0][2].done() and not stop and not exhausted and len(pending) < held and \
+                        not warm_probe:
                     wait([f for _, _, f in pending if not f.done()], return_when=FIRST_COMPLETED)
                     continue
                 first, ids, future = pending.popleft()
