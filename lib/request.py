@@ -230,27 +230,23 @@ def embeddings(body: bytes, app: App) -> Response:
         result = app.service.embed(items, model, dimensions)
     except ProviderError as exc:
         raise exc.to_api_error() from None
-    # Kept as parts, never joined here: a 2048-input answer is tens of MB, and the socket takes the parts as
-    # they are (one sendmsg); only a connection that is not a socket gets one joined copy.
+    # The answer goes out in parts of GROUP items, each joined once: never one join of the whole answer (a
+    # 2048-input answer is tens of MB), and never thousands of small buffers either (the socket takes a few
+    # large ones in one sendmsg). A very large float answer is not even held whole (`Streamed`).
     head = b'{"object":"list","data":['
     tail = (f'],"model":{json.dumps(model.id)},"usage":{{"prompt_tokens":{result.tokens},'
             f'"total_tokens":{result.tokens}}}}}'.encode())
     vectors = result.vectors
+    spans = range(0, len(vectors), GROUP)
     body: list[bytes] | Streamed
     if fmt == "base64":
-        from pybase64 import b64encode as b64  # SIMD: 4x the stdlib's speed, the same bytes
-
-        body = [head]
-        for i, v in enumerate(vectors):
-            body += (b',{"object":"embedding","index":' if i else b'{"object":"embedding","index":', str(i).encode(),
-                     b',"embedding":"', b64(v), b'"}')
-        body.append(tail)
+        body = [head, *(_base64_items(vectors, i, min(i + GROUP, len(vectors))) for i in spans), tail]
     elif sum(map(len, vectors)) <= STREAM_FLOAT_ABOVE:
-        body = [head, *_float_items(vectors, 0, len(vectors)), tail]
+        body = [head, *(_float_items(vectors, i, min(i + GROUP, len(vectors))) for i in spans), tail]
     else:
         # Float text is about three times its vectors: a large answer is made group by group as it is sent.
-        body = Streamed(head, lambda: (_float_items(vectors, i, min(i + FLOAT_GROUP, len(vectors)))
-                                       for i in range(0, len(vectors), FLOAT_GROUP)), tail)
+        body = Streamed(head, lambda: ([_float_items(vectors, i, min(i + GROUP, len(vectors)))] for i in spans),
+                        tail)
     headers = {"x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
     if result.cache_errors:
         headers["x-cache-error"] = ",".join(result.cache_errors)
@@ -260,18 +256,32 @@ def embeddings(body: bytes, app: App) -> Response:
 # A float answer of more vectors than this (in bytes; 4 MiB is about 680 vectors of 1536 floats) is formatted
 # twice, once for its length and once as it is sent, rather than held whole as text.
 STREAM_FLOAT_ABOVE = 4 << 20
-FLOAT_GROUP = 64  # vectors formatted at a time in a streamed answer
+GROUP = 64  # items joined into one part of an answer
 
 
-def _float_items(vectors: list[bytes], start: int, end: int) -> list[bytes]:
-    """The answer's items for vectors[start:end], as parts (a comma before every item but the first)."""
+def _item_heads(start: int, end: int) -> list[bytes]:
+    """What comes before each item's embedding (a comma before every item but the first)."""
+    return [b'%s{"object":"embedding","index":%d,"embedding":' % (b"," if i else b"", i) for i in range(start, end)]
+
+
+def _base64_items(vectors: list[bytes], start: int, end: int) -> bytes:
+    """The answer's items for vectors[start:end], base64 (the cached bytes, re-encoded: no float is parsed)."""
+    from pybase64 import b64encode  # SIMD: 4x the stdlib's speed, the same bytes
+
+    parts: list[bytes] = []
+    for head, v in zip(_item_heads(start, end), vectors[start:end]):
+        parts += (head, b'"', b64encode(v), b'"}')
+    return b"".join(parts)
+
+
+def _float_items(vectors: list[bytes], start: int, end: int) -> bytes:
+    """The answer's items for vectors[start:end], as shortest float32 decimals."""
     from .vectors import float_json  # numpy and orjson: float answers only
 
     parts: list[bytes] = []
-    for i, text in enumerate(float_json(vectors[start:end]), start):
-        parts += (b',{"object":"embedding","index":' if i else b'{"object":"embedding","index":', str(i).encode(),
-                  b',"embedding":', text, b"}")
-    return parts
+    for head, text in zip(_item_heads(start, end), float_json(vectors[start:end])):
+        parts += (head, text, b"}")
+    return b"".join(parts)
 
 
 def health(app: App) -> Response:
