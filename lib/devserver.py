@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # The format names no source line: skip the stack walk each record would make to find it (the logging
+    # HOWTO's "Optimization" section documents this switch). One access line per request stays cheap.
+    logging._srcfile = None
 
     from . import app as app_module
     from .config import ConfigError
