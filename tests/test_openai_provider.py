@@ -60,6 +60,25 @@ def test_partial_hit_sends_only_the_misses_and_keeps_order(server, fake_openai):
         assert vec(d).tobytes() == fake_openai.expected("text-embedding-3-small", text).tobytes()
 
 
+@pytest.mark.parametrize("dims,count", [(1, 3), (2, 1), (5, 1500), (1536, 1), (1536, 15)])
+def test_base64_answers_of_any_size_are_the_cached_bytes_with_an_exact_length(server, fake_openai, dims, count):
+    """A base64 answer is encoded and sent a few items at a time behind a Content-Length worked out in advance.
+    With or without base64's padding (4 and 8 bytes a vector), in one write or several (the last one partial),
+    the length is exact, the keep-alive connection stays in step, and each item is its vector's bytes."""
+    texts = [f"sized {dims} {i}" for i in range(count)]
+    body = {"input": texts, "encoding_format": "base64", **({"dimensions": dims} if dims < 1536 else {})}
+    r = server.embed(body)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["content-length"]) == len(r.content)
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == list(range(count))
+    for text, d in zip(texts, data):
+        expected = fake_openai.expected("text-embedding-3-small", text, dims if dims < 1536 else None)
+        assert base64.b64decode(d["embedding"]) == expected.tobytes()
+    again = server.embed(body)  # on the same connection: the first answer's length left it in step
+    assert again.headers["x-cache-hits"] == str(count) and again.json()["data"] == data
+
+
 def test_float_and_base64_callers_share_entries_and_agree_exactly(server, fake_openai):
     f = server.embed({"input": "shared", "encoding_format": "float"}).json()["data"][0]
     b = server.embed({"input": "shared", "encoding_format": "base64"}).json()["data"][0]
