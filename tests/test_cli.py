@@ -188,6 +188,24 @@ def test_sigint_mid_run_then_resume_pays_only_for_the_rest(fake_openai, tmp_path
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected(fake_openai, texts))  # complete, in order
 
 
+def test_a_resume_that_starts_all_cached_pays_the_rest_at_full_concurrency(fake_openai, tmp_path):
+    """A re-run whose first batch is cached goes straight to writing, where one lookup thread per core is
+    enough while everything hits; from its first miss on, the rest is paid --concurrency calls at a time."""
+    texts = [f"half done {i % 200}" for i in range(400)]  # duplicates: a pay pass, then a writing pass
+    (tmp_path / "head.txt").write_text("\n".join(texts[:10]) + "\n")
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    env = cli_env(fake_openai, tmp_path)
+    assert run(["embed", "head.txt", "--batch-size", "10"], env, tmp_path).returncode == 0
+    fake_openai.requests.clear()
+    fake_openai.script = [Scripted(200, latency=0.3)] * 40
+    r = run(["embed", "in.txt", "--out", "out.npy", "--batch-size", "10", "--concurrency", "4"], env, tmp_path)
+    assert r.returncode == 0 and "400 texts (200 distinct): 10 hits, 190 misses" in r.stderr, r.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(fake_openai, texts))
+    arrivals = [q["at"] for q in fake_openai.requests]
+    in_flight = max(sum(a <= t < a + 0.3 for a in arrivals) for t in arrivals)  # each call lasts 0.3 s at least
+    assert len(arrivals) == 19 and in_flight == 4
+
+
 def test_a_provider_failure_stops_keeps_what_was_paid_and_exits_1(fake_openai, tmp_path):
     (tmp_path / "in.txt").write_text("".join(f"fails later {i}\n" for i in range(40)))
     fake_openai.script = [Scripted(200), Scripted(401, {"error": {"message": "bad key", "code": "invalid_api_key"}})]
