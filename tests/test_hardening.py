@@ -82,6 +82,33 @@ def test_lone_surrogates_are_a_400(monkeypatch, fake_openai, tmp_path, serve, es
     assert fake_openai.calls == 0
 
 
+def test_a_provider_over_tls_must_show_a_trusted_certificate(monkeypatch, tmp_path, serve):
+    """Provider calls over https verify the upstream's certificate against the system's CAs: a self-signed
+    upstream (what a man in the middle would present) is never sent a request, let alone the provider key,
+    and the caller gets a 502. Only an http:// upstream skips loading the CAs, and it never speaks TLS."""
+    import ssl
+
+    from tests.upstreams import FakeOpenAI
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    upstream = FakeOpenAI()
+    upstream.server.socket = tls.wrap_socket(upstream.server.socket, server_side=True)
+    upstream.server.handle_error = lambda *a: None  # the refused handshakes: expected here
+    try:
+        port = upstream.server.server_address[1]
+        openai_env(monkeypatch, f"https://127.0.0.1:{port}/v1", tmp_path, EMBEDDINGS_TIMEOUT_S="2")
+        r = serve().embed({"input": "over tls"})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "provider_unreachable", r.text[:300]
+        assert upstream.calls == 0
+    finally:
+        upstream.close()
+
+
 # -- the published schema, and fuzzing against it ------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ class HuggingFaceProvider:
         self.batch_size = batch_size
         self.options = dict(options or {})
         self._timeout_s = timeout_s
-        self._http = HTTPClient({"Authorization": f"Bearer {token}"})
+        self._http = HTTPClient({"Authorization": f"Bearer {token}"}, self._base_url)
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return self.options

@@ -44,8 +44,8 @@ class OpenAIProvider:
             headers["OpenAI-Organization"] = organization
         if project:
             headers["OpenAI-Project"] = project
-        self._http = HTTPClient(headers)
         self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/embeddings"
+        self._http = HTTPClient(headers, self._url)
         self._timeout_s = timeout_s
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
