@@ -29,8 +29,7 @@ class App:
                 f"choose one of {', '.join(self.registry.ids)} (Hugging Face models can be added with HF_MODELS)")
         self.provider = make_provider(settings)
         self.tiers = make_tiers(settings)
-        self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s,
-                                        max_provider_calls=settings.max_provider_calls)
+        self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s)
 
 
 def make_provider(s: config.Settings) -> Provider:
@@ -38,11 +37,13 @@ def make_provider(s: config.Settings) -> Provider:
         from .providers.openai import OpenAIProvider
 
         return OpenAIProvider(s.openai_api_key, s.openai_base_url, timeout_s=s.timeout_s,
-                              organization=s.openai_organization, project=s.openai_project)
+                              organization=s.openai_organization, project=s.openai_project,
+                              max_calls=s.max_provider_calls)
     if s.provider == "huggingface":
         from .providers.huggingface import HuggingFaceProvider
 
-        return HuggingFaceProvider(s.hf_token, s.hf_inference_url, batch_size=s.hf_batch_size, options=s.hf_options)
+        return HuggingFaceProvider(s.hf_token, s.hf_inference_url, batch_size=s.hf_batch_size, options=s.hf_options,
+                                   max_calls=s.max_provider_calls)
     from .providers.local import LocalProvider
 
     return LocalProvider()

@@ -40,7 +40,7 @@ class Settings:
     on_vercel: bool = False
     timeout_s: float = 25.0
     max_inputs: int = 2048
-    max_provider_calls: int = 0  # provider calls in flight in this process at once (0: no limit of ours)
+    max_provider_calls: int = 0  # requests to the provider in flight in this process at once (0: 16)
     max_input_chars: int = 50_000
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()

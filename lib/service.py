@@ -45,12 +45,8 @@ class Result:
 
 
 class EmbeddingService:
-    def __init__(self, registry: Registry, provider: Provider, tiers: Sequence[Cache], timeout_s: float,
-                 max_provider_calls: int = 0) -> None:
+    def __init__(self, registry: Registry, provider: Provider, tiers: Sequence[Cache], timeout_s: float) -> None:
         self.registry = registry
-        # At most this many provider calls in flight across the process (a rate limit of the caller's, such as
-        # the corpus command's --concurrency): lookups and cache writes run beside them, outside the limit.
-        self._provider_slots = threading.BoundedSemaphore(max_provider_calls) if max_provider_calls else None
         self.provider = provider
         self.tiers = list(tiers)
         self.timeout_s = timeout_s
@@ -187,7 +183,7 @@ class EmbeddingService:
                 raise ProviderError(504, f"The request ran out of its {deadline.seconds:g} s deadline before all "
                                     "inputs were embedded (those done are cached: retry to finish)",
                                     retryable=False, code="provider_timeout")
-            out = self._provider_embed([items[i] for i in batch], model, dimensions, deadline)
+            out = self.provider.embed([items[i] for i in batch], model, dimensions, deadline)
             vectors = self._validated(out.vectors, len(batch), model, dimensions)
             entries = [Entry(keys[i], model.id, len(v) // 4, v) for i, v in zip(batch, vectors)]
             # Cache each batch as soon as it is paid for: a later failure must not lose it.
@@ -210,19 +206,6 @@ class EmbeddingService:
         if first_error is not None:
             raise first_error
         return tokens
-
-    def _provider_embed(self, items: list[Item], model: ModelSpec, dimensions: int | None,
-                        deadline: Deadline) -> Batch:
-        slots = self._provider_slots
-        if slots is None:
-            return self.provider.embed(items, model, dimensions, deadline)
-        if not slots.acquire(timeout=deadline.remaining()):
-            raise ProviderError(504, "Timed out waiting for a free provider call (EMBEDDINGS_MAX_PROVIDER_CALLS)",
-                                retryable=False, code="provider_timeout")
-        try:
-            return self.provider.embed(items, model, dimensions, deadline)
-        finally:
-            slots.release()
 
     def _validated(self, vectors: list[bytes], count: int, model: ModelSpec, dimensions: int | None) -> list[bytes]:
         """A malformed answer is an error, never cached."""

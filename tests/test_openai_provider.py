@@ -208,3 +208,34 @@ def test_what_goes_upstream_is_openais_request(monkeypatch, fake_openai, tmp_pat
     assert headers["content-type"] == "application/json"
     assert sent["body"] == {"input": ["pear"], "model": "text-embedding-3-small", "encoding_format": "base64",
                             "dimensions": 256}
+
+
+@pytest.mark.parametrize("limit,expected", [(2, 2), (0, 6)])
+def test_max_provider_calls_bounds_the_requests_in_flight_across_threads(fake_openai, limit, expected):
+    """EMBEDDINGS_MAX_PROVIDER_CALLS (the corpus command's --concurrency): six threads miss at once; no more
+    than the limit of requests reach the provider together, and every thread gets its own vector."""
+    import threading
+
+    from lib.deadline import Deadline
+    from lib.models import Registry
+    from lib.providers.openai import OpenAIProvider
+    from tests.upstreams import Scripted
+
+    fake_openai.script = [Scripted(200, latency=0.3)] * 6
+    provider = OpenAIProvider("sk-test-SENTINEL-not-a-real-key", fake_openai.url, max_calls=limit)
+    model = Registry("openai").get("text-embedding-3-small")
+    barrier = threading.Barrier(6)
+    got: dict[int, bytes] = {}
+
+    def call(n: int) -> None:
+        barrier.wait()
+        got[n] = provider.embed([f"in flight {n}"], model, None, Deadline(10)).vectors[0]
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {n: fake_openai.expected("text-embedding-3-small", f"in flight {n}").tobytes() for n in range(6)}
+    arrivals = [r["at"] for r in fake_openai.requests]
+    assert max(sum(a <= t < a + 0.3 for a in arrivals) for t in arrivals) == expected  # each lasts 0.3 s at least

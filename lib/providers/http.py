@@ -35,10 +35,16 @@ class Answer:
 
 
 class HTTPClient:
-    """A lazily made httpx client with fixed headers (the provider's credentials), for one base URL."""
+    """A lazily made httpx client with fixed headers (the provider's credentials), for one base URL.
 
-    def __init__(self, headers: Mapping[str, str], base_url: str) -> None:
+    `max_calls` (EMBEDDINGS_MAX_PROVIDER_CALLS; 0: 16) bounds the requests in flight across the process: it is the
+    size of the connection pool, so a request waits for a free connection (within its own time budget), and a
+    connection is free again as soon as its answer has been read, before the answer is parsed and cached. The
+    corpus command's --concurrency is this bound: its lookups, parsing and cache writes run beside the calls."""
+
+    def __init__(self, headers: Mapping[str, str], base_url: str, max_calls: int = 0) -> None:
         self._headers = dict(headers)
+        self._max_calls = max_calls or 16
         # A plain-HTTP upstream (a local inference server, a proxy on localhost) never makes a TLS connection:
         # its client does not load the system's CA certificates (about 40 ms on the first miss).
         self._plain = base_url.lower().startswith("http://")
@@ -58,7 +64,8 @@ class HTTPClient:
                     verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 self._client = httpx.Client(
                     headers=self._headers, verify=verify,
-                    limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                    limits=httpx.Limits(max_connections=self._max_calls,
+                                        max_keepalive_connections=min(8, self._max_calls)),
                 )
             return self._client
 

@@ -34,12 +34,12 @@ class HuggingFaceProvider:
     concurrency = 4
 
     def __init__(self, token: str, base_url: str, *, batch_size: int = 32, options: Mapping[str, object] | None = None,
-                 timeout_s: float = 20.0) -> None:
+                 timeout_s: float = 20.0, max_calls: int = 0) -> None:
         self._base_url = base_url.rstrip("/")
         self.batch_size = batch_size
         self.options = dict(options or {})
         self._timeout_s = timeout_s
-        self._http = HTTPClient({"Authorization": f"Bearer {token}"}, self._base_url)
+        self._http = HTTPClient({"Authorization": f"Bearer {token}"}, self._base_url, max_calls)
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return self.options

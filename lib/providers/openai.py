@@ -38,14 +38,14 @@ class OpenAIProvider:
     concurrency = 4
 
     def __init__(self, api_key: str, base_url: str | None = None, timeout_s: float = 20.0, *,
-                 organization: str | None = None, project: str | None = None) -> None:
+                 organization: str | None = None, project: str | None = None, max_calls: int = 0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"}
         if organization:
             headers["OpenAI-Organization"] = organization
         if project:
             headers["OpenAI-Project"] = project
         self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/embeddings"
-        self._http = HTTPClient(headers, self._url)
+        self._http = HTTPClient(headers, self._url, max_calls)
         self._timeout_s = timeout_s
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
