@@ -92,6 +92,9 @@ def _positive(raw: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # This process never runs httpx's own command-line client, which httpx imports whenever rich, click and
+    # pygments happen to be installed (30-40 ms on the first provider call).
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     args = parser().parse_args(argv)
     try:
         if args.command == "embed":
