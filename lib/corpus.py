@@ -13,11 +13,9 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,9 @@ class Source:
 
 def open_source(arg: str, *, field: str | None = None, id_field: str | None = None) -> Source:
     if arg == "-":
+        import shutil
+        import tempfile
+
         spool = tempfile.NamedTemporaryFile(prefix="embed-stdin-", suffix=".txt", delete=False)
         with spool:
             shutil.copyfileobj(sys.stdin.buffer, spool)
@@ -148,7 +149,7 @@ def validate(src: Source, max_chars: int) -> Census:
     count = distinct = 0
     first = bytearray()
     seen: set[bytes] | None = set()
-    with tempfile.TemporaryDirectory(prefix="embed-census-") as tmp:
+    with _Scratch() as scratch:
         db: sqlite3.Connection | None = None
         for number, _, text in records(src):
             if not text.strip():
@@ -164,7 +165,7 @@ def validate(src: Source, max_chars: int) -> Census:
                 if new:
                     seen.add(digest)
                     if len(seen) > SEEN_IN_MEMORY:
-                        db = _spill(os.path.join(tmp, "seen.sqlite3"), seen)
+                        db = _spill(os.path.join(scratch.path(), "seen.sqlite3"), seen)
                         seen = None
             else:
                 assert db is not None
@@ -179,6 +180,27 @@ def validate(src: Source, max_chars: int) -> Census:
     if count == 0:
         raise CorpusError(f"{src.name}: no texts")
     return Census(count, distinct, first)
+
+
+class _Scratch:
+    """A temporary directory made only if it is used (most corpora never spill), removed on exit."""
+
+    def __init__(self) -> None:
+        self._dir: Any = None
+
+    def path(self) -> str:
+        if self._dir is None:
+            import tempfile
+
+            self._dir = tempfile.TemporaryDirectory(prefix="embed-census-")
+        return self._dir.name
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def _spill(path: str, seen: set[bytes]) -> sqlite3.Connection:

@@ -12,28 +12,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
-
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from typing import TYPE_CHECKING, TypeVar
 
 from .deadline import Deadline
 from .errors import ProviderError
 
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
+
 T = TypeVar("T")
 log = logging.getLogger("embeddings")
 
-_backoff = wait_random_exponential(multiplier=0.25, max=8.0)
-
 
 def _wait(state: RetryCallState) -> float:
+    from tenacity import wait_random_exponential
+
     exc = state.outcome.exception() if state.outcome else None
     if isinstance(exc, ProviderError) and exc.retry_after is not None:
         return max(0.0, exc.retry_after)
-    return _backoff(state)
+    return wait_random_exponential(multiplier=0.25, max=8.0)(state)
 
 
 def call_with_retries(fn: Callable[[], T], deadline: Deadline, *, attempts: int = 4, what: str = "provider") -> T:
-    """Run `fn` until it succeeds, a non-retryable error, `attempts` tries, or the deadline."""
+    """Run `fn` until it succeeds, a non-retryable error, `attempts` tries, or the deadline.
+
+    tenacity is imported here, on the first provider call: a process that only reads its cache never loads it."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
     def stop(state: RetryCallState) -> bool:
         if stop_after_attempt(attempts)(state):
