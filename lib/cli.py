@@ -226,7 +226,7 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
     start = 0
     exhausted = False
     # `lanes` batches run at once: in this process a few more than --concurrency, so that their lookups and
-    # cache writes overlap the provider calls (the service keeps those to --concurrency at once). Finished
+    # cache writes overlap the provider calls (the provider's connection pool keeps those to --concurrency). Finished
     # batches wait for the oldest (the output is in input order), so a slow batch does not hold back the
     # next; at most twice `most` are held.
     most = args.concurrency + (0 if args.url else max(1, args.concurrency // 2))

@@ -17,6 +17,7 @@ import sqlite3
 import struct
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -149,7 +150,7 @@ def validate(src: Source, max_chars: int) -> Census:
     count = distinct = 0
     first = bytearray()
     seen: set[bytes] | None = set()
-    with _Scratch() as scratch:
+    with ExitStack() as scratch:  # a temporary directory only if the count spills (most corpora never do)
         db: sqlite3.Connection | None = None
         for number, _, text in records(src):
             if not text.strip():
@@ -165,7 +166,10 @@ def validate(src: Source, max_chars: int) -> Census:
                 if new:
                     seen.add(digest)
                     if len(seen) > SEEN_IN_MEMORY:
-                        db = _spill(os.path.join(scratch.path(), "seen.sqlite3"), seen)
+                        import tempfile
+
+                        tmp = scratch.enter_context(tempfile.TemporaryDirectory(prefix="embed-census-"))
+                        db = _spill(os.path.join(tmp, "seen.sqlite3"), seen)
                         seen = None
             else:
                 assert db is not None
@@ -180,27 +184,6 @@ def validate(src: Source, max_chars: int) -> Census:
     if count == 0:
         raise CorpusError(f"{src.name}: no texts")
     return Census(count, distinct, first)
-
-
-class _Scratch:
-    """A temporary directory made only if it is used (most corpora never spill), removed on exit."""
-
-    def __init__(self) -> None:
-        self._dir: Any = None
-
-    def path(self) -> str:
-        if self._dir is None:
-            import tempfile
-
-            self._dir = tempfile.TemporaryDirectory(prefix="embed-census-")
-        return self._dir.name
-
-    def __enter__(self) -> _Scratch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._dir is not None:
-            self._dir.cleanup()
 
 
 def _spill(path: str, seen: set[bytes]) -> sqlite3.Connection:

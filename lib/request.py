@@ -36,13 +36,9 @@ class Streamed:
     def __iter__(self) -> Iterator[list[bytes]]:
         """The answer's parts, a group (a list of buffers) at a time; the head rides with the first group and
         the tail with the last, so a small answer is one write."""
-        held = [self.head]
-        first = True
-        for group in self._groups():
-            if first:
-                held += group
-                first = False
-                continue
+        groups = self._groups()
+        held = [self.head, *next(groups, [])]
+        for group in groups:
             yield held
             held = group
         yield held + [self.tail]

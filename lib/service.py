@@ -29,7 +29,7 @@ from .deadline import Deadline
 from .errors import ProviderError
 from .keys import key_function
 from .models import ModelSpec, Registry
-from .providers.base import Batch, Item, Provider
+from .providers.base import Item, Provider
 from .vectors import is_valid
 
 log = logging.getLogger("embeddings")
