@@ -7,8 +7,10 @@
 
 `embed` is a third door onto the same service: in-process it is the `Embedder` (same keys, same cache as
 the endpoint); with `--url` it is a client of a deployed endpoint. Nothing here embeds by itself.
-Exit codes: 0 done, 1 the provider or the endpoint failed (or refused the key), 2 bad input or usage,
-130 interrupted (Ctrl-C). After 1 or 130, the same command again pays only for what was not done.
+Exit codes: 0 done, 1 the provider or the endpoint failed (or refused the key), 2 bad input or usage (a
+model that is not served, `--dimensions` it does not take), 130 interrupted (Ctrl-C). After 130 or a passing
+failure, the same command again pays only for what was not done; after a failure that would only happen again,
+the last line says what to change instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from contextlib import ExitStack
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TextIO
 
-from .corpus import CorpusError, open_output, open_source, validate
+from .corpus import Census, CorpusError, open_output, open_source, validate
 from .errors import EmbeddingError
 
 EXAMPLES = {
@@ -157,19 +159,19 @@ def embed(args: argparse.Namespace) -> int:
         progress = Progress(census.texts if one_pass else census.distinct, sys.stderr)
         passes = [progress]
         if one_pass:  # pay and write together (no duplicates, or no cache sure to hand paid texts back)
-            outcome = _run(embedder, src, args, out, progress)
+            outcome = _run(embedder, src, args, out, progress, census)
         else:
             # Pay first, in full batches of first occurrences (duplicates spread through a file would leave
             # every batch partly cached, and cost more upstream calls than the distinct texts need); then, for
             # an output, write it in a second pass that is all cache hits. A re-run whose first batch is all cached
             # goes straight to the writing pass (which pays for any rest itself, once).
-            outcome = _run(embedder, src, args, None, progress, only=census,
+            outcome = _run(embedder, src, args, None, progress, census, only=True,
                            warm_probe=1 if out is not None else 0)
             if out is not None and (outcome is None or isinstance(outcome, _Warm)):
                 progress.close()
                 writing = Progress(census.texts, sys.stderr, "writing")
                 passes.append(writing)
-                outcome = _run(embedder, src, args, out, writing, expect_hits=True)
+                outcome = _run(embedder, src, args, out, writing, census, expect_hits=True)
             elif out is not None:
                 out.abandon()
     finally:
@@ -181,28 +183,55 @@ def embed(args: argparse.Namespace) -> int:
     hits = max(0, census.distinct - misses) if outcome is None else sum(x.hits for x in passes)
     summary = (f"{census.texts} texts ({census.distinct} distinct): {hits} hits, {misses} misses, "
                f"{tokens} tokens billed, {elapsed:.1f} s")
+    p.close()
     if outcome is None:
-        p.close()
         print(f"done: {summary}" + (f"; vectors in {args.out}" if args.out else "; the cache is filled"),
               file=sys.stderr)
         return 0
-    p.close()
-    left = p.total - p.done
-    again = f"run the same command again to finish: it pays only for the {left} texts not done"
+    # One meaning for "done" in every mode: distinct texts embedded (and so cached, locally), whatever the pass.
+    done = min(census.distinct, max(x.firsts for x in passes))
+    left = census.distinct - done
+    again = f"the same command again pays only for the {left} distinct texts not done"
     if isinstance(outcome, KeyboardInterrupt):
-        print(f"interrupted after {p.done} of {p.total} texts: {summary}; {again}", file=sys.stderr)
+        print(f"interrupted with {done} of {census.distinct} distinct texts done: {summary}; run {again}",
+              file=sys.stderr)
         return 130
-    print(f"stopped after {p.done} of {p.total} texts: {summary}", file=sys.stderr)
-    print(f"error: {_describe(outcome)}; {again}", file=sys.stderr)
-    return 1
+    print(f"stopped with {done} of {census.distinct} distinct texts done: {summary}", file=sys.stderr)
+    fix = _fix(outcome, args)
+    if fix is None:  # something a later attempt can get past (a timeout, an outage, a rate limit)
+        print(f"error: {_describe(outcome)}; run {again}", file=sys.stderr)
+        return 1
+    print(f"error: {_describe(outcome)}", file=sys.stderr)
+    print(f"running it again unchanged cannot help: {fix}" + (f"; then {again}" if done else ""), file=sys.stderr)
+    return 2 if outcome.status == 400 else 1
+
+
+def _fix(exc: EmbeddingError, args: argparse.Namespace) -> str | None:
+    """What to change after an error that the same command would meet again; None for one worth retrying."""
+    if exc.status == 400:
+        option = {"model": "--model", "dimensions": "--dimensions"}.get(exc.param or "")
+        if option:
+            return f"change {option} as the message says"
+        return "change the input or the options as the message says"
+    if exc.status in (401, 403) and args.url:
+        return "pass a key the endpoint accepts with --api-key (one of its EMBEDDINGS_API_KEYS)"
+    if exc.code == "provider_auth":
+        return "set a valid key for the provider (OPENAI_API_KEY, or HF_TOKEN for Hugging Face)"
+    if exc.code == "provider_model_not_found":
+        return "choose a model the provider serves (--model or EMBEDDINGS_MODEL)"
+    if exc.code == "provider_insufficient_quota":
+        return "add credit or raise the quota of the provider account"
+    if exc.code in ("misconfigured", "auth_not_configured", "unsupported_model_output", "provider_unavailable"):
+        return "fix the configuration the message names"
+    return None
 
 
 class _Warm(Exception):
     """The pay pass found its first batches all cached: a re-run, better served by the writing pass alone."""
 
 
-def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: Progress,
-         only: Any = None, warm_probe: int = 0, expect_hits: bool = False) -> BaseException | None:
+def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: Progress, census: Census,
+         only: bool = False, warm_probe: int = 0, expect_hits: bool = False) -> BaseException | None:
     """Batches in input order, `concurrency` in flight. On Ctrl-C or a failure, no new batch starts; those in
     flight finish (and are cached); the partial output is removed. Returns None, or what stopped the run.
 
@@ -222,7 +251,7 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
     previous = signal.signal(signal.SIGINT, interrupted) if threading.current_thread() is threading.main_thread() \
         else None
     pending: deque[tuple[int, list[Any], Future[Any]]] = deque()
-    stream = batches(src, args.batch_size, only)
+    stream = batches(src, args.batch_size, census if only else None)
     start = 0
     exhausted = False
     # `lanes` batches run at once: in this process a few more than --concurrency, so that their lookups and
@@ -263,7 +292,9 @@ def _run(embedder: Any, src: Any, args: argparse.Namespace, out: Any, progress: 
                     continue
                 if out is not None and not stop:
                     out.write(ids, first, result.vectors)
-                progress.update(len(ids), result)
+                # Distinct texts done: a pay pass holds first occurrences only; elsewhere, count them by index.
+                firsts = len(ids) if only else sum(map(census.is_first, range(first, first + len(ids))))
+                progress.update(len(ids), result, firsts)
                 if result.misses and expect_hits:  # not all cached after all: every lane from here on
                     expect_hits, lanes = False, most
                     pool = pools.enter_context(ThreadPoolExecutor(max_workers=most, thread_name_prefix="embed"))
@@ -295,6 +326,7 @@ class Progress:
         self.label = label
         self.stream = stream
         self.done = self.hits = self.misses = self.tokens = self.batches = 0
+        self.firsts = 0  # distinct texts done (their first occurrence embedded)
         self.started = time.monotonic()
         self._last = self.started
         self._bar: Any = None
@@ -304,8 +336,9 @@ class Progress:
             self._bar = tqdm(total=total, unit="text", file=stream, dynamic_ncols=True, smoothing=0.1,
                              desc=None if label == "progress" else label)
 
-    def update(self, count: int, result: Any) -> None:
+    def update(self, count: int, result: Any, firsts: int) -> None:
         self.done += count
+        self.firsts += firsts
         self.batches += 1
         self.hits += result.hits
         self.misses += result.misses
@@ -319,7 +352,9 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / rate if rate else 0.0
-            print(f"{self.label}: {self.done}/{self.total} texts ({100 * self.done // self.total}%), {rate:,.0f} texts/s, "
+            # A small or slow run still shows a rate that means something ("0.4 texts/s", never "0 texts/s").
+            shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+            print(f"{self.label}: {self.done}/{self.total} texts ({100 * self.done // self.total}%), {shown} texts/s, "
                   f"ETA {eta:.0f} s, {self.hits} hits, {self.misses} misses, {self.tokens} tokens billed",
                   file=self.stream, flush=True)
 

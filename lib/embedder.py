@@ -79,6 +79,12 @@ class EmbeddingResult:
     def __len__(self) -> int:
         return len(self.vectors)
 
+    def __repr__(self) -> str:
+        # Not the dataclass's repr: that would print every vector's bytes (kilobytes per text).
+        errors = f", cache_errors={self.cache_errors!r}" if self.cache_errors else ""
+        return (f"EmbeddingResult({len(self.vectors)} vectors, model={self.model!r}, dimensions={self.dimensions}, "
+                f"hits={self.hits}, misses={self.misses}, tokens={self.tokens}{errors})")
+
     def tolist(self) -> list[list[float]]:
         return [to_floats(v) for v in self.vectors]
 
@@ -170,6 +176,10 @@ class Embedder:
 
     def embed_documents(self, texts: Sequence[str], *, model: str | None = None,
                         dimensions: int | None = None) -> list[list[float]]:
+        # No documents, no vectors: LangChain's convention (a vector store's add_texts([]) relies on it). The
+        # endpoint and `embed` refuse an empty input, as OpenAI does.
+        if not isinstance(texts, str) and len(texts) == 0:
+            return []
         return self.embed(texts, model=model, dimensions=dimensions).tolist()
 
     def embed_query(self, text: str, *, model: str | None = None, dimensions: int | None = None) -> list[float]:
@@ -184,6 +194,8 @@ class Embedder:
 
     async def aembed_documents(self, texts: Sequence[str], *, model: str | None = None,
                                dimensions: int | None = None) -> list[list[float]]:
+        if not isinstance(texts, str) and len(texts) == 0:
+            return []
         return (await self.aembed(texts, model=model, dimensions=dimensions)).tolist()
 
     async def aembed_query(self, text: str, *, model: str | None = None,

@@ -127,12 +127,15 @@ def parse(body: bytes, app: App) -> tuple[list[Item], ModelSpec, int | None, str
                           f"{first.get('msg', 'invalid JSON')}. Send a JSON object like "
                           "{\"input\": \"text\", \"model\": \"...\"}") from None
         name = str(loc[0])
+        if first.get("type") == "missing":
+            raise invalid(f"'{name}' is required: send a JSON object like {{\"input\": \"text\"}}",
+                          param=name, code="missing_required_parameter") from None
         if first.get("type") == "extra_forbidden":
             raise invalid(f"Unrecognized request argument supplied: {name[:100]} (the fields are input, model, "
                           "dimensions, encoding_format and user)", param=name[:100],
                           code="unknown_parameter") from None
         if name == "input":
-            raise invalid(_INPUT_SHAPE, param="input") from None
+            raise invalid(_input_problem(json.loads(text).get("input")), param="input") from None
         if name == "encoding_format":
             raise invalid("'encoding_format' must be 'float' or 'base64'", param="encoding_format") from None
         if name == "dimensions":
@@ -150,7 +153,7 @@ def check(raw: str | list, model_name: str | None, dimensions: int | float | Non
     limit (the Embedder splits long lists into requests itself); `texts_only` refuses token ids."""
     s = app.settings
     if texts_only and not isinstance(raw, str) and any(not isinstance(t, str) for t in raw):
-        raise invalid(_INPUT_SHAPE, param="input")
+        raise invalid(_input_problem(raw), param="input")
     if isinstance(raw, str):
         items: list[Item] = [raw]
     elif raw and not isinstance(raw[0], (str, list)):
@@ -213,6 +216,35 @@ def check(raw: str | list, model_name: str | None, dimensions: int | float | Non
 
 
 _DIMENSIONS_SHAPE = "'dimensions' must be a positive integer"
+
+
+def _input_problem(raw: object) -> str:
+    """Which input is wrong, and how. The error path only: the endpoint parses the body once more for it."""
+    if isinstance(raw, list):
+        kinds = ("a string" if isinstance(item, str) else "a list" if isinstance(item, list) else "a number"
+                 if type(item) in (int, float) else None for item in raw)
+        first = None
+        for i, (item, kind) in enumerate(zip(raw, kinds)):
+            if kind is None:
+                return f"'input[{i}]' is {_json_name(item)}; {_INPUT_SHAPE}"
+            if first is None:
+                first = kind
+            elif kind != first:
+                return f"'input[{i}]' is {kind} but 'input[0]' is {first}: every input must be of one kind; " \
+                       + _INPUT_SHAPE
+            if kind == "a list":
+                for j, token in enumerate(item):
+                    if type(token) not in (int, float):
+                        return f"'input[{i}][{j}]' is {_json_name(token)}; token ids are integers"
+    elif raw is None or not isinstance(raw, (str, int, float)):
+        return f"'input' is {_json_name(raw)}; {_INPUT_SHAPE}"
+    return _INPUT_SHAPE
+
+
+def _json_name(value: object) -> str:
+    names = {type(None): "null", bool: "a boolean", dict: "an object", str: "a string", list: "a list",
+             int: "a number", float: "a number"}
+    return names.get(type(value)) or f"a {type(value).__name__}"  # Python callers can pass anything
 
 
 def _integral(values: list) -> list[int] | None:

@@ -177,7 +177,7 @@ def test_sigint_mid_run_then_resume_pays_only_for_the_rest(fake_openai, tmp_path
     err = proc.communicate(timeout=30)[1].decode()
     assert proc.returncode == 130, err
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", err) and "progress: " in err
-    assert "interrupted after" in err and "run the same command again" in err
+    assert re.search(r"interrupted with \d+ of 300 distinct texts done", err) and "run the same command again" in err
     assert not (tmp_path / "out.npy").exists() and not (tmp_path / "out.npy.partial").exists()
     done_first = cached_rows(tmp_path)
     assert 0 < done_first < 300
@@ -212,8 +212,10 @@ def test_a_provider_failure_stops_keeps_what_was_paid_and_exits_1(fake_openai, t
     r = run(["embed", "in.txt", "--out", "out.npy", "--batch-size", "10", "--concurrency", "1"],
             cli_env(fake_openai, tmp_path), tmp_path)
     # The second call fails; the batches already under way (a lookup may overlap the one call in flight) finish.
-    done = re.search(r"stopped after (\d+) of 40 texts", r.stderr)
+    done = re.search(r"stopped with (\d+) of 40 distinct texts done", r.stderr)
     assert r.returncode == 1 and done and "provider_auth" in r.stderr, r.stderr
+    # A refused key is met again by the same command: the advice is what to change, not to re-run as is.
+    assert "cannot help: set a valid key for the provider (OPENAI_API_KEY" in r.stderr, r.stderr
     done = int(done.group(1))
     assert 10 <= done < 40 and cached_rows(tmp_path) == done and not (tmp_path / "out.npy").exists()
     again = run(["embed", "in.txt", "--out", "out.npy", "--batch-size", "10", "--concurrency", "1"],
@@ -308,3 +310,50 @@ def test_the_census_counts_the_same_in_memory_and_past_its_spill_to_disk(tmp_pat
     for census in (whole, spilled):
         assert (census.texts, census.distinct) == (350, 48)
         assert [i for i in range(350) if census.is_first(i)] == firsts
+
+
+# -- advice after an error that a re-run would meet again (issue 23) -----------------------------------------
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--model", "no-such-model"], "change --model"),
+    (["--model", "text-embedding-ada-002", "--dimensions", "8"], "change --dimensions"),
+])
+def test_a_bad_option_says_what_to_change_not_to_run_again(fake_openai, tmp_path, options, says):
+    (tmp_path / "in.txt").write_text("one\ntwo\nthree\n")
+    r = run(["embed", "in.txt", "--out", "out.npy", *options], cli_env(fake_openai, tmp_path), tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "stopped with 0 of 3 distinct texts done" in r.stderr
+    assert f"running it again unchanged cannot help: {says}" in r.stderr, r.stderr
+    assert "run the same command again" not in r.stderr and fake_openai.calls == 0
+
+
+def test_url_mode_counts_distinct_texts_and_a_refused_key_names_the_option(fake_openai, tmp_path, serve,
+                                                                          monkeypatch):
+    openai_env(monkeypatch, fake_openai.url, tmp_path, EMBEDDINGS_API_KEYS="cli-SENTINEL-key")
+    server = serve()
+    (tmp_path / "in.txt").write_text("a\nb\na\nc\na\n")  # 5 texts, 3 distinct
+    env = cli_env(fake_openai, tmp_path)
+    r = run(["embed", "in.txt", "--url", server.url + "/v1", "--api-key", "wrong"], env, tmp_path)
+    assert r.returncode == 1 and "stopped with 0 of 3 distinct texts done" in r.stderr, r.stderr
+    assert "cannot help: pass a key the endpoint accepts with --api-key" in r.stderr
+    assert "run the same command again" not in r.stderr
+
+
+def test_a_passing_failure_still_says_to_run_again(fake_openai, tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"outage {i}\n" for i in range(20)))
+    fake_openai.script = [Scripted(200)] + [Scripted(500)] * 10
+    r = run(["embed", "in.txt", "--batch-size", "10", "--concurrency", "1"],
+            cli_env(fake_openai, tmp_path, EMBEDDINGS_TIMEOUT_S="3"), tmp_path)
+    assert r.returncode == 1 and "stopped with 10 of 20 distinct texts done" in r.stderr, r.stderr
+    assert "run the same command again pays only for the 10 distinct texts not done" in r.stderr
+
+
+def test_a_slow_small_run_shows_a_rate_that_is_not_zero(fake_openai, tmp_path):
+    (tmp_path / "in.txt").write_text("slow one\nslow two\n")
+    fake_openai.script = [Scripted(200, delay=3.5), Scripted(200)]
+    r = run(["embed", "in.txt", "--batch-size", "1", "--concurrency", "1"], cli_env(fake_openai, tmp_path),
+            tmp_path)
+    assert r.returncode == 0, r.stderr
+    rate = re.search(r"progress: 1/2 texts \(50%\), ([\d.,]+) texts/s", r.stderr)
+    assert rate and 0.1 < float(rate.group(1)) < 1, r.stderr

@@ -226,6 +226,16 @@ def test_content_length_is_one_header_of_plain_digits(oa, fake_openai, lengths):
     assert closed and fake_openai.calls == 0
 
 
+@pytest.mark.parametrize("length", ["9" * 18, "9" * 19, "1" + "0" * 40, "9" * 5000])
+def test_any_run_of_digits_too_large_is_a_413(oa, fake_openai, length):
+    """18 digits or 5,000: a length past the limit is 'too large', whatever its number of digits."""
+    head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    raw, closed = exchange(oa.url, head.encode() + b'{"input":"x"}')
+    got = answers(raw)
+    assert [s for s, _ in got] == [413] and got[0][1]["error"]["code"] == "request_too_large", got
+    assert closed and fake_openai.calls == 0
+
+
 def test_a_short_body_then_half_close_is_a_400_never_a_request(oa, fake_openai):
     body = b'{"input": "cut short here"}'
     head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) + 40}\r\n\r\n".encode()

@@ -43,7 +43,7 @@ BAD_BODIES = [
     ({"input": [True]}, "input", "must be"),
     ({"input": [-1]}, "input", "must be"),
     ({"input": {"text": "x"}}, "input", "must be"),
-    ({}, "input", "must be"),
+    ({}, "input", "is required"),
     ({"input": ["x"] * 2049}, "input", "2048"),
     ({"input": "x" * 50_001}, "input", "50000"),
     ({"input": [0] * 8193}, "input", "8192"),
