@@ -13,6 +13,9 @@ PROVIDERS = ("openai", "local", "huggingface")
 CACHES = ("memory", "sqlite", "supabase", "none")
 
 
+VERCEL_MAX_REQUEST_BYTES = 4_500_000  # Vercel's documented limit on a function's request body (4.5 MB)
+
+
 class ConfigError(Exception):
     """The environment is wrong; the message names the variable, never a secret's value."""
 
@@ -152,6 +155,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         cors_origins=tuple(o.strip() for o in env.get("EMBEDDINGS_CORS_ORIGINS", "").split(",") if o.strip()),
         extra_fields=_choice(env, "EMBEDDINGS_EXTRA_FIELDS", "reject", ("reject", "ignore")),
     )
+    if on_vercel and settings.max_body_bytes > VERCEL_MAX_REQUEST_BYTES:
+        # The platform refuses a larger body itself (413 FUNCTION_PAYLOAD_TOO_LARGE, in its words, not ours).
+        raise ConfigError(f"EMBEDDINGS_MAX_BODY_BYTES={settings.max_body_bytes} is more than Vercel passes to a "
+                          f"function ({VERCEL_MAX_REQUEST_BYTES} bytes); leave it unset (4 MiB) or lower it")
     if provider == "local":
         from .providers.local import available
 

@@ -124,8 +124,8 @@ class Endpoint(BaseHTTPRequestHandler):
             # Refuse before reading: never buffer what a client merely claims to send.
             self.close_connection = True
             size = f"{length} bytes" if length < _HUGE else "over 10^18 bytes"
-            raise APIError(413, f"The request body is {size}; at most {limit} bytes are allowed",
-                           code="request_too_large")
+            raise APIError(413, f"The request body is {size}; at most {limit} bytes are allowed: send fewer or "
+                                "shorter inputs per request (LangChain: a smaller chunk_size)", code="request_too_large")
         self._body_read = True
         body = self.rfile.read(length)
         if len(body) != length:

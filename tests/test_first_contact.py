@@ -99,3 +99,23 @@ def test_the_suite_itself_is_set_to_list_skips():
     ini = (ROOT / "pytest.ini").read_text()
     assert "-rs" in ini and "-p tests.skips" in ini
     assert (ROOT / "tests" / "openai-spec" / "openai-embeddings.yaml").is_file()  # shipped, not beside the repo
+
+
+def test_on_vercel_a_body_limit_the_platform_would_refuse_first_is_a_configuration_error():
+    from lib import config
+
+    env = {"VERCEL": "1", "EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x"}
+    assert config.load(env).max_body_bytes == 4 * 1024 * 1024  # the default is within Vercel's 4.5 MB
+    with pytest.raises(config.ConfigError, match="EMBEDDINGS_MAX_BODY_BYTES=5000000 is more than Vercel passes"):
+        config.load({**env, "EMBEDDINGS_MAX_BODY_BYTES": "5000000"})
+    assert config.load({**env, "VERCEL": ""}).max_body_bytes == 4 * 1024 * 1024
+    assert config.load({"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-x",
+                        "EMBEDDINGS_MAX_BODY_BYTES": "5000000"}).max_body_bytes == 5_000_000  # elsewhere, as set
+
+
+def test_a_body_too_large_says_what_to_send_instead(oa, fake_openai):
+    import httpx
+
+    r = httpx.post(oa.url + "/v1/embeddings", content=b"x" * (4 * 1024 * 1024 + 1),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "send fewer or shorter inputs per request" in r.json()["error"]["message"]

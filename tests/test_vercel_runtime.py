@@ -133,3 +133,96 @@ def test_bridge_runs_python_312():
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "(3, 12)"
     assert sys.version_info[:2] >= (3, 11)
+
+
+# -- production mode: VERCEL_IPC_PATH set, the handler served on the runtime's own HTTP server -------------------
+
+
+class Platform:
+    """Vercel's side of production mode, played on loopback: the IPC socket the runtime reports to (server-started,
+    logs, one `end` per request), and requests sent to the HTTP port it announces, as the platform proxies them."""
+
+    def __init__(self, entry: str, env: dict[str, str], tmp: Path) -> None:
+        import socket
+        import threading
+        import time
+
+        self.messages: list[dict] = []
+        path = str(tmp / "ipc.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(1)
+        threading.Thread(target=self._read, daemon=True).start()
+        name = Path(entry).stem
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "VERCEL"))}
+        full.update(env)
+        full.update({"VERCEL_IPC_PATH": path, "__VC_HANDLER_ENTRYPOINT": entry,
+                     "__VC_HANDLER_ENTRYPOINT_ABS": str(ROOT / entry), "__VC_HANDLER_MODULE_NAME": f"api.{name}",
+                     "__VC_HANDLER_VARIABLE_NAME": "handler", "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen([str(VENV312 / "bin" / "python"), "-c", "import vercel_runtime.vc_init"],
+                                     cwd=ROOT, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not any(m.get("type") == "server-started" for m in self.messages):
+            assert self.proc.poll() is None and time.monotonic() < deadline, \
+                "the runtime never reported server-started: " + (self.proc.stdout.read() if self.proc.stdout else "")
+            time.sleep(0.02)
+        port = next(m for m in self.messages if m["type"] == "server-started")["payload"]["httpPort"]
+        self.url = f"http://127.0.0.1:{port}"
+        self._requests = 0
+
+    def _read(self) -> None:
+        conn, _ = self._listener.accept()
+        buffer = b""
+        while chunk := conn.recv(1 << 16):
+            buffer += chunk
+            *done, buffer = buffer.split(b"\0")
+            self.messages += [json.loads(m) for m in done if m]
+
+    def headers(self) -> dict[str, str]:
+        """What the platform adds to each request it forwards."""
+        self._requests += 1
+        return {"x-vercel-internal-invocation-id": f"inv-{self._requests}",
+                "x-vercel-internal-request-id": str(self._requests)}
+
+    def close(self) -> str:
+        self.proc.terminate()
+        out = self.proc.communicate(timeout=15)[0]
+        self._listener.close()
+        logs = out + json.dumps(self.messages)
+        assert_no_sentinel(logs, "the function's output in production mode")
+        return logs
+
+
+def test_a_thousand_input_langchain_request_beyond_4_5_mb_in_production_mode(env, fake_openai, tmp_path):
+    """LangChain's OpenAIEmbeddings sends 1000 inputs a request by default: at 1536 dimensions that answer is about
+    8 MB in base64 (20 MB as floats), past the 4.5 MB Vercel allows a buffered answer. In production the runtime
+    serves the handler on its own HTTP server and the platform streams what it writes (the build marks every Python
+    function `supportsResponseStreaming`, tests/test_vercel_build.py), so the whole answer arrives."""
+    import httpx
+    from langchain_openai import OpenAIEmbeddings
+
+    platform = Platform("api/embeddings.py", env, tmp_path)
+    try:
+        texts = [f"chunk number {i} of a long document" for i in range(1000)]
+        emb = OpenAIEmbeddings(base_url=platform.url + "/v1", api_key="caller-SENTINEL-key",
+                               model="text-embedding-3-small", check_embedding_ctx_length=False,
+                               default_headers=platform.headers(), max_retries=0)
+        assert emb.chunk_size == 1000  # LangChain's default: one request for all of them
+        vectors = emb.embed_documents(texts)
+        assert len(vectors) == 1000 and fake_openai.calls == 1
+        for i in (0, 499, 999):
+            assert np.array_equal(np.array(vectors[i], dtype=np.float32),
+                                  fake_openai.expected("text-embedding-3-small", texts[i]))
+        # The same request by hand: its answer's size, in both formats, and every byte of it.
+        for fmt, least in (("base64", 8_000_000), ("float", 15_000_000)):
+            r = httpx.post(platform.url + "/v1/embeddings", timeout=120,
+                           json={"input": texts, "model": "text-embedding-3-small", "encoding_format": fmt},
+                           headers={"authorization": "Bearer caller-SENTINEL-key", **platform.headers()})
+            assert r.status_code == 200 and r.headers["x-cache-hits"] == "1000", r.text[:300]
+            assert int(r.headers["content-length"]) == len(r.content) > least
+            assert len(r.json()["data"]) == 1000
+        assert fake_openai.calls == 1
+        # One `end` per request reached the platform: each answer was complete, none cut off.
+        assert sum(m.get("type") == "end" for m in platform.messages) == 3
+    finally:
+        platform.close()
