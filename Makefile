@@ -37,8 +37,9 @@ $(VENV312)/.installed: requirements.prod.txt
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@test -x /usr/bin/chromium
 
+# exec: the server replaces the recipe's shell, so it is make's own child (and stops with make, lib/devserver.py).
 dev: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 PORT=$(PORT) $(VENV)/bin/python -m lib.devserver
+	exec env HF_HUB_OFFLINE=1 PORT=$(PORT) $(VENV)/bin/python -m lib.devserver
 
 test: $(VENV)/.installed $(VENV312)/.installed .postgres-ok .chromium-ok
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider

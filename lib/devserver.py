@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -153,6 +154,23 @@ def make_server(host: str, port: int, *, read_timeout_s: float | None = None,
     return server_cls((host, port), handler)
 
 
+def _stop_with_parent() -> None:
+    """Stop cleanly on SIGTERM, and when the process that started the server dies (`make dev` stopped by make's
+    PID): otherwise an orphan keeps serving, and holds the port, after its terminal and its make are gone."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # serve_forever ends, and the finally below closes the socket
+
+    signal.signal(signal.SIGTERM, stop)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent ends
+        if os.getppid() != parent:  # it ended before the request was made
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -172,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     server = make_server(args.host, args.port)
+    _stop_with_parent()
     host, port = server.server_address[:2]
     url = f"http://{host}:{port}"
     print(f"Embeddings dev server on {url}  (provider={app.settings.provider}, model={app.default_model}, "

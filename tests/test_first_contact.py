@@ -119,3 +119,50 @@ def test_a_body_too_large_says_what_to_send_instead(oa, fake_openai):
     r = httpx.post(oa.url + "/v1/embeddings", content=b"x" * (4 * 1024 * 1024 + 1),
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "send fewer or shorter inputs per request" in r.json()["error"]["message"]
+
+
+def test_env_example_names_only_variables_the_code_reads_and_promises_no_dotenv():
+    import re
+
+    example = (ROOT / ".env.example").read_text()
+    assert "Nothing in this project reads a .env file" in example and "Copy to .env" not in example
+    names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
+    code = "".join(p.read_text() for p in (ROOT / "lib").rglob("*.py"))
+    assert names and all(f'"{name}"' in code for name in names), names - {n for n in names if f'"{n}"' in code}
+
+
+def test_stopping_make_dev_by_makes_pid_stops_the_server(tmp_path):
+    """Killing the `make dev` process (not its process group) must not leave the server running on its port."""
+    import signal
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "HF_", "SUPABASE_"))}
+    env.update({"EMBEDDINGS_CACHE": "memory"})
+    # -o: take the installed environment as it is (this suite runs inside it); the recipe is the README's.
+    make = subprocess.Popen(["make", "-s", "-o", ".venv/.installed", "dev", f"PORT={port}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/api/health"
+    deadline = time.monotonic() + 60
+    while True:
+        assert make.poll() is None and time.monotonic() < deadline, make.stdout.read() if make.stdout else ""
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    make.send_signal(signal.SIGTERM)  # make's PID alone, as `kill <pid>` would
+    make.wait(15)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=0.5)
+        except httpx.ConnectError:
+            break  # nobody listens on the port any more
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the dev server kept serving after make was stopped")
