@@ -258,6 +258,9 @@ async function onEmbed(event) {
     renderMap(texts, result.vectors);
     $("ranking").replaceChildren();
   } catch (err) {
+    // The last results were for other texts: never leave them on screen beside this error as if they were its.
+    $("results").hidden = true;
+    Object.assign(state, { texts: [], vectors: [] });
     showMessage("error", err.message);
   } finally {
     button.disabled = false;
@@ -279,6 +282,7 @@ async function onQuery(event) {
       return item;
     }));
   } catch (err) {
+    $("ranking").replaceChildren(); // an earlier query's ranking is not this one's
     showMessage("error", err.message);
   } finally {
     button.disabled = false;

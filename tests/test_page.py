@@ -140,10 +140,14 @@ def test_query_ranks_the_nearest_text_first(page):
 
 
 def test_errors_are_said_in_words(page):
+    page.embed(["earlier", "results"])
+    page.wait_results()
+    assert page.page.is_visible("#results")
     page.embed(["first", "", "third"])
     page.page.wait_for_selector("#message:not([hidden])")
     message = page.page.inner_text("#message")
     assert "line 2" in message and "empty" in message
+    assert not page.page.is_visible("#results")  # the earlier texts' heatmap is not shown beside this error
     page.page.evaluate("""() => { const o = document.createElement('option'); o.value = 'no-such-model';
                                   o.textContent = 'no-such-model'; document.querySelector('#model').append(o); }""")
     page.page.select_option("#model", "no-such-model")
