@@ -21,10 +21,14 @@ from tests.conftest import ROOT, start_devserver, stop_devserver
 
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
 NEEDS = re.compile(r"^(?:#|--)\s*needs:\s*(.+)$", re.M)
-# What a test can provide, by the words of a block's `needs:` line.
-PROVIDED = {"chunks.jsonl": lambda d: (d / "chunks.jsonl").write_text(
-    "".join(json.dumps({"id": f"doc-{i}#0", "text": f"chunk {i} of the corpus"}) + "\n" for i in range(5))),
-            "vectors.npy": lambda d: None}  # written by the block before
+# What a test can provide, by the words of a block's `needs:` line: the directory the block then runs in.
+PROVIDED = {
+    "chunks.jsonl": lambda d: (d / "chunks.jsonl").write_text(
+        "".join(json.dumps({"id": f"doc-{i}#0", "text": f"chunk {i} of the corpus"}) + "\n" for i in range(5)))
+    and d,
+    "vectors.npy": lambda d: d,  # written by the block before
+    "a clone of this repository": lambda d: ROOT,  # `pip install -e` there: what `make` itself does
+}
 
 
 def blocks() -> list[tuple[int, str, str]]:
@@ -62,10 +66,12 @@ def test_the_readme_runs_as_written(dev, tmp_path):
             if provide is None:
                 not_here.append((line, wanted))
                 continue
-            provide(tmp_path)
+            cwd = provide(tmp_path)
+        else:
+            cwd = tmp_path
         code = code.replace("127.0.0.1:3000", f"127.0.0.1:{port}")
         if lang == "python":
-            run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+            run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                                  text=True, timeout=300)
         elif re.fullmatch(r"(make \w+\s+#.*\n)+", code):  # the quickstart: the targets exist (CI runs `make test`)
             targets = re.findall(r"^make (\w+)", code, re.M)
@@ -74,7 +80,7 @@ def test_the_readme_runs_as_written(dev, tmp_path):
             # A transcript ("$ command" then its output) runs its commands; any other block runs as a script.
             lines = code.splitlines()
             script = "\n".join(x[2:] for x in lines if x.startswith("$ ")) if lines[0].startswith("$ ") else code
-            run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+            run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
                                  capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"README.md:{line} ({lang}) failed:\n{code}\n{run.stdout}\n{run.stderr}"
         ran.append(line)
