@@ -99,6 +99,18 @@ def _hf_models(raw: str) -> dict[str, int | None]:
     return models
 
 
+def _model_dir(raw: str) -> str:
+    """A relative model directory is found from the working directory, or else from the project's root (a Vercel
+    function's working directory is not promised to be its root)."""
+    from pathlib import Path
+
+    path = Path(raw)
+    if path.is_absolute() or path.exists():
+        return raw
+    beside = Path(__file__).resolve().parent.parent / path
+    return str(beside) if beside.exists() else raw
+
+
 def _onnx_models(env: Mapping[str, str]) -> dict[str, str]:
     """`EMBEDDINGS_ONNX_MODELS="id=dir,id=dir"` names each model's id; else `EMBEDDINGS_ONNX_MODEL_DIR` (default: where
     the export writes) is one directory whose id its manifest gives."""
@@ -109,13 +121,13 @@ def _onnx_models(env: Mapping[str, str]) -> dict[str, str]:
             model_id, sep, directory = part.partition("=")
             if not sep or not model_id.strip() or not directory.strip():
                 raise ConfigError(f"EMBEDDINGS_ONNX_MODELS: '{part}' must be 'model id=directory'")
-            models[model_id.strip()] = directory.strip()
+            models[model_id.strip()] = _model_dir(directory.strip())
         return models
     from pathlib import Path
 
     from .providers.onnx import claimed_id
 
-    directory = env.get("EMBEDDINGS_ONNX_MODEL_DIR", "").strip() or DEFAULT_ONNX_DIR
+    directory = _model_dir(env.get("EMBEDDINGS_ONNX_MODEL_DIR", "").strip() or DEFAULT_ONNX_DIR)
     if not Path(directory).is_dir():
         raise ConfigError(f"EMBEDDINGS_ONNX_MODEL_DIR={directory}: no such directory (`python -m lib export-onnx --out "
                           f"{directory}` writes one, with the development requirements)")

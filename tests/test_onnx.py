@@ -292,12 +292,20 @@ def test_a_bad_directory_is_one_configuration_error_naming_the_file(exports, xlm
 
 def test_the_default_directory_and_its_manifest(tmp_path, exports, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(config.ConfigError, match=r"\.cache/onnx/all-MiniLM-L6-v2: no such directory.*export-onnx"):
-        config.load({"EMBEDDINGS_PROVIDER": "onnx"})
+    with pytest.raises(config.ConfigError, match=r"models/not-exported: no such directory.*export-onnx"):
+        config.load({"EMBEDDINGS_PROVIDER": "onnx", "EMBEDDINGS_ONNX_MODEL_DIR": "models/not-exported"})
     target = tmp_path / ".cache" / "onnx" / "all-MiniLM-L6-v2"
     target.parent.mkdir(parents=True)
     os.symlink(exports["fp32"], target)
     assert config.load({"EMBEDDINGS_PROVIDER": "onnx"}).onnx_models == {MINILM: ".cache/onnx/all-MiniLM-L6-v2"}
+    # A relative directory not under the working directory is looked for under the project's root (a deployment's).
+    monkeypatch.chdir("/")
+    os.symlink(exports["fp32"], ROOT / "tests" / ".onnx-test-model")
+    try:
+        found = config.load({"EMBEDDINGS_PROVIDER": "onnx", "EMBEDDINGS_ONNX_MODEL_DIR": "tests/.onnx-test-model"})
+        assert found.onnx_models == {MINILM: str(ROOT / "tests" / ".onnx-test-model")}
+    finally:
+        (ROOT / "tests" / ".onnx-test-model").unlink()
     bare = _copy(exports["fp32"], tmp_path / "bare")
     (bare / "embeddings-cache.json").unlink()
     with pytest.raises(config.ConfigError, match="EMBEDDINGS_ONNX_MODELS=<model id>="):
