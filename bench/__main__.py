@@ -13,6 +13,8 @@
    SQLite) beside a replay server on the same stdlib HTTP stack; 1 client and 16 concurrent clients
 11 the corpus command: 20,000 texts (50% duplicates) against a 150 ms upstream, the all-hit re-run against
    direct service calls, and peak memory for 100k and 1M lines to .jsonl
+12 the onnx provider: parity with sentence-transformers, cold start to a first vector, texts/s at batch 1 and 32
+   on short, long and mixed texts (fp32 and int8) against sentence-transformers, and a server's peak RSS
 """
 
 from __future__ import annotations
@@ -603,8 +605,121 @@ print(time.perf_counter() - t)
                         per_second=count / (time.perf_counter() - t), note="flat in the input size"))
 
 
+# -- 12: the onnx provider ---------------------------------------------------------------------------------
+
+
+def _rss_of_server(s: Setup, env: dict[str, str]) -> float:
+    """Peak RSS (MB) of a dev server that has loaded its model and answered one request."""
+    proc, url = s.devserver(env)
+    KeepAlive(url).post("/v1/embeddings", json.dumps({"input": texts(32, "rss")}).encode())
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    proc.kill()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def onnx_provider(s: Setup, rows: list[Row]) -> None:
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from lib.export_onnx import parity_corpus
+    from lib.models import MINILM
+    from lib.providers.local import model_source
+    from lib.providers.onnx import OnnxModel
+
+    dirs = {}
+    for variant, extra in (("fp32", []), ("int8", ["--int8"])):
+        dirs[variant] = s.tmp / f"minilm-{variant}"
+        subprocess.run([sys.executable, "-m", "lib", "export-onnx", "--out", str(dirs[variant]), *extra], cwd=ROOT,
+                       check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    st = SentenceTransformer(model_source(MINILM), device="cpu")
+    fp32, int8 = OnnxModel(dirs["fp32"]), OnnxModel(dirs["int8"])
+
+    # Parity on 236 varied texts, and a text alone against the same text inside a padded batch.
+    corpus = parity_corpus()
+    got, _ = fp32.encode(corpus)
+    want = st.encode(corpus, convert_to_numpy=True)
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    alone = np.stack([fp32.encode([t])[0][0] for t in corpus[::7]])
+    inv = (alone * got[::7]).sum(1) / (np.linalg.norm(alone, axis=1) * np.linalg.norm(got[::7], axis=1))
+    rows.append(Row("12", f"parity fp32 vs sentence-transformers, {len(corpus)} texts (min cos)", float(cos.min()), 0,
+                    unit="", target=">= 0.99999", note=f"mean {cos.mean():.7f}; alone vs in a padded batch: min "
+                                                        f"{inv.min():.7f}"))
+
+    # Cold start: a fresh process to its first vector through the endpoint's handler (no cache), onnx vs local.
+    body_file = s.tmp / "onnx-cold.json"
+    body_file.write_text(json.dumps({"input": ["the first vector of a cold start"], "encoding_format": "base64"}))
+    runs = 5 if s.quick else 7
+
+    def cold(env: dict[str, str]) -> tuple[float, float]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_"))}
+        full.update({"HF_HUB_OFFLINE": "1", "EMBEDDINGS_CACHE": "none", **env})
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "bench/coldstart.py", "request", str(body_file), "0"], cwd=ROOT, env=full,
+                           check=True, capture_output=True)
+            times.append(time.perf_counter() - t)
+        return median_spread(times)
+
+    local_cold, lspread = cold({"EMBEDDINGS_PROVIDER": "local"})
+    rows.append(Row("12", "cold start to a first vector: local (torch)", local_cold, lspread))
+    for variant in ("fp32", "int8"):
+        med, spread = cold({"EMBEDDINGS_PROVIDER": "onnx", "EMBEDDINGS_ONNX_MODEL_DIR": str(dirs[variant])})
+        rows.append(Row("12", f"cold start to a first vector: onnx {variant}", med, spread, ratio=med / local_cold,
+                        ratio_to="of local", target="<= 0.15" if variant == "fp32" else ""))
+
+    # Throughput on this machine's cores, side by side: texts/s through each runtime's own batching.
+    short = [f"Sentence {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(256)]
+    long = [" ".join(f"word{i}x{j} about caching embeddings" for j in range(40)) for i in range(128)]  # ~200 tokens
+    mixed = [t for pair in zip(short[:128], long) for t in pair]
+    repeats = 3 if s.quick else 5
+
+    def rate(encode: object, pool: list[str], batch: int, limit: int) -> tuple[float, float]:
+        pool = pool[:limit]
+        med, spread = measure(lambda: [encode(pool[i:i + batch]) for i in range(0, len(pool), batch)],  # type: ignore[operator]
+                              repeats=repeats, warmup=1)
+        return len(pool) / med, spread / med * len(pool) / med
+
+    def st_encode(batch: list[str]) -> object:
+        return st.encode(batch, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+
+    for label, pool, batch, limit, target in (("short texts, batch 1", short, 1, 64, ">= 2"),
+                                              ("short texts, batch 32", short, 32, 256, ">= 1.0"),
+                                              ("~200-token texts, batch 32", long, 32, 128, ">= 1.0"),
+                                              ("mixed lengths, 256 a call", mixed, 256, 256, ">= 1.0")):
+        base, _ = rate(st_encode, pool, batch, limit)
+        rows.append(Row("12", f"sentence-transformers, {label}", 1 / base, 0, per_second=base))
+        ours, _ = rate(fp32.encode, pool, batch, limit)
+        rows.append(Row("12", f"onnx fp32, {label}", 1 / ours, 0, per_second=ours, ratio=ours / base,
+                        ratio_to="of sentence-transformers", target=target))
+        if batch == 32 and pool is short:
+            q, _ = rate(int8.encode, pool, batch, limit)
+            agreement = json.loads((dirs["int8"] / "embeddings-cache.json").read_text())["int8_agreement"]
+            rows.append(Row("12", f"onnx int8, {label}", 1 / q, 0, per_second=q, ratio=q / base,
+                            ratio_to="of sentence-transformers", target=">= 2",
+                            note=f"agreement with fp32: mean cos {agreement['mean_cosine']:.4f}, min "
+                                 f"{agreement['min_cosine']:.4f}, top-10 overlap {agreement['top10_neighbour_overlap']:.2f}"))
+
+    # Mixed lengths in one call (what a corpus batch is) against the same texts as two calls of one length each:
+    # sorting by length first means the mix costs no more than its halves apart.
+    apart, _ = rate(lambda _: (fp32.encode(short[:128]), fp32.encode(long)), [""], 1, 1)
+    together, _ = rate(fp32.encode, mixed, 256, 256)
+    rows.append(Row("12", "onnx fp32, 128 short + 128 long: mixed in one call vs apart", 256 / together, 0,
+                    per_second=together, ratio=together / (256 * apart), ratio_to="of the halves apart",
+                    target=">= 0.95"))
+
+    # Peak RSS of a server holding each model (one request answered).
+    torch_rss = _rss_of_server(s, {"EMBEDDINGS_PROVIDER": "local", "EMBEDDINGS_CACHE": "none", "HF_HUB_OFFLINE": "1"})
+    rows.append(Row("12", "peak RSS, dev server holding the torch model", torch_rss, 0, unit="MB"))
+    for variant in ("fp32", "int8"):
+        rss = _rss_of_server(s, {"EMBEDDINGS_PROVIDER": "onnx", "EMBEDDINGS_CACHE": "none",
+                                 "EMBEDDINGS_ONNX_MODEL_DIR": str(dirs[variant])})
+        rows.append(Row("12", f"peak RSS, dev server holding the onnx {variant} model", rss, 0, unit="MB",
+                        ratio=rss / torch_rss, ratio_to="of torch", target="<= 0.5" if variant == "fp32" else ""))
+
+
 SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load,
-            "9": storage, "10": ceiling, "11": corpus}
+            "9": storage, "10": ceiling, "11": corpus, "12": onnx_provider}
 
 
 def main() -> int:
