@@ -9,11 +9,12 @@ the parts that use them, when they first need them.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from . import config
 from .cache.base import Cache, NoCache
 from .cache.memory import MemoryCache
-from .models import DEFAULT_MODEL, Registry
+from .models import BUILTIN, DEFAULT_MODEL, ModelSpec, Registry
 from .providers.base import Provider
 from .service import EmbeddingService
 
@@ -21,16 +22,21 @@ from .service import EmbeddingService
 class App:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
-        self.provider = make_provider(settings)
-        if settings.provider == "onnx":  # the models are the directories configured, as loaded (and checked)
+        if settings.routes:  # each model through its own ordered routes (lib/routes.py, lib/providers/router.py)
+            self.provider, specs = make_router(settings)
+            self.registry = Registry.of(specs)
+            self.default_model = settings.model or next(iter(settings.routes))
+        elif settings.provider == "onnx":  # the models are the directories configured, as loaded (and checked)
+            self.provider = make_provider(settings)
             self.registry = Registry("onnx", {mid: dims for mid, (dims, _) in self.provider.specs().items()})
             self.default_model = settings.model or next(iter(settings.onnx_models))
         else:
+            self.provider = make_provider(settings)
             self.registry = Registry(settings.provider, settings.hf_models)
             self.default_model = settings.model or DEFAULT_MODEL[settings.provider]
         if settings.model and settings.model not in self.registry.ids:
             raise config.ConfigError(
-                f"EMBEDDINGS_MODEL={settings.model!r} is not served by EMBEDDINGS_PROVIDER={settings.provider}; "
+                f"EMBEDDINGS_MODEL={settings.model!r} is not served here (EMBEDDINGS_PROVIDER={settings.provider}); "
                 f"choose one of {', '.join(self.registry.ids)} (Hugging Face models can be added with HF_MODELS, "
                 "ONNX models with EMBEDDINGS_ONNX_MODELS)")
         self.tiers = make_tiers(settings)
@@ -55,6 +61,77 @@ def make_provider(s: config.Settings) -> Provider:
         return OnnxProvider(s.onnx_models, threads=s.onnx_threads or None)
     from .providers.local import LocalProvider
 
+    return LocalProvider()
+
+
+def make_router(s: config.Settings) -> tuple[Provider, list[ModelSpec]]:
+    """One provider per route, the router over them, and each model's spec (what every one of its routes can do)."""
+    from .providers.router import RoutingProvider
+
+    builtin = {spec.id: spec for spec in BUILTIN}
+    local: Provider | None = None
+    table: dict[str, list[tuple[str, str, Provider]]] = {}
+    specs: list[ModelSpec] = []
+    for model, routes in s.routes.items():
+        entries: list[tuple[str, str, Provider]] = []
+        dims = builtin[model].dimensions if model in builtin else s.hf_models.get(model)
+        limit = builtin[model].max_input_tokens if model in builtin else 8192
+        for route in routes:
+            provider = _route_provider(route, s)
+            if route.provider == "local":
+                local = local or provider
+                provider = local
+            if route.provider == "onnx":
+                onnx_dims, onnx_limit = provider.specs()[model]  # type: ignore[attr-defined]
+                if dims is not None and onnx_dims != dims:
+                    raise config.ConfigError(f"{route.where()}: its model gives {onnx_dims} dimensions; the model's "
+                                             f"other routes give {dims}")
+                dims, limit = onnx_dims, min(limit, onnx_limit)
+            entries.append((route.name, route.provider, provider))
+        kinds = [r.provider for r in routes]
+        probe = ModelSpec(model, ",".join(dict.fromkeys(kinds)), dims)
+        options = {name: dict(p.key_options(probe)) for name, _, p in entries}
+        if len({repr(sorted(o.items())) for o in options.values()}) > 1:
+            raise config.ConfigError(f"EMBEDDINGS_ROUTES: model {model!r}: its routes would not make the same "
+                                     f"vectors ({options}): every route of a model must serve one vector space")
+        remote_openai = set(kinds) <= {"openai", "azure"}
+        spec = builtin.get(model)
+        specs.append(ModelSpec(model, probe.provider, dims,
+                               flexible_dimensions=bool(spec and spec.flexible_dimensions and remote_openai),
+                               accepts_tokens=bool(spec and spec.accepts_tokens and remote_openai),
+                               max_input_tokens=limit))
+        table[model] = entries
+    return RoutingProvider(table), specs
+
+
+def _route_provider(route: Any, s: config.Settings) -> Provider:
+    r = route.settings
+    if route.provider == "openai":
+        from .providers.openai import OpenAIProvider
+
+        return OpenAIProvider(route.secret, r["base_url"], timeout_s=s.timeout_s, max_calls=s.max_provider_calls,
+                              upstream_model=r.get("upstream_model") or None)
+    if route.provider == "azure":
+        from .providers.openai import OpenAIProvider
+
+        return OpenAIProvider.azure(route.secret, r["endpoint"], r["deployment"], api_version=r["api_version"] or None,
+                                    timeout_s=s.timeout_s, max_calls=s.max_provider_calls)
+    if route.provider == "huggingface":
+        from .providers.huggingface import HuggingFaceProvider
+
+        return HuggingFaceProvider(route.secret, r["url"], batch_size=s.hf_batch_size, options=s.hf_options,
+                                   max_calls=s.max_provider_calls)
+    if route.provider == "onnx":
+        from .providers.onnx import OnnxProvider
+
+        try:
+            return OnnxProvider({route.model: r["dir"]}, threads=s.onnx_threads or None)
+        except config.ConfigError as exc:
+            raise config.ConfigError(f"{route.where()}: {exc}") from None
+    from .providers.local import LocalProvider, available
+
+    if not available():
+        raise config.ConfigError(f"{route.where()}: the local provider needs the development requirements")
     return LocalProvider()
 
 

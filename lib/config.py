@@ -39,6 +39,7 @@ class Settings:
     hf_models: dict[str, int | None] = field(default_factory=dict)
     hf_options: dict[str, object] = field(default_factory=dict)
     onnx_models: dict[str, str] = field(default_factory=dict)  # model id -> ONNX model directory
+    routes: dict = field(default_factory=dict, repr=False)  # EMBEDDINGS_ROUTES: model id -> [lib.routes.Route]
     onnx_threads: int = 0  # ONNX Runtime threads per run (0: every core this process may use)
     supabase_url: str = ""
     supabase_key: str = field(default="", repr=False)
@@ -138,11 +139,20 @@ def _onnx_models(env: Mapping[str, str]) -> dict[str, str]:
     return {model_id: directory}
 
 
+def _routes(raw: str, env: Mapping[str, str]) -> dict:
+    from . import routes
+
+    return routes.parse(raw, env)
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     on_vercel = bool(env.get("VERCEL"))
     supabase_url = env.get("SUPABASE_URL", "").strip()
-    provider = _choice(env, "EMBEDDINGS_PROVIDER", "openai" if on_vercel else "local", PROVIDERS)
+    routes_raw = env.get("EMBEDDINGS_ROUTES", "").strip()
+    # With routes, each model names its own providers; EMBEDDINGS_PROVIDER and its checks do not apply.
+    provider = "routes" if routes_raw else _choice(env, "EMBEDDINGS_PROVIDER", "openai" if on_vercel else "local",
+                                                   PROVIDERS)
     default_cache = "supabase" if supabase_url else ("memory" if on_vercel else "sqlite")
     cache = _choice(env, "EMBEDDINGS_CACHE", default_cache, CACHES)
 
@@ -186,6 +196,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         hf_models=_hf_models(env.get("HF_MODELS", "")),
         hf_options=hf_options,
         onnx_models=_onnx_models(env) if provider == "onnx" else {},
+        routes=_routes(routes_raw, env) if routes_raw else {},
         onnx_threads=_int(env, "EMBEDDINGS_ONNX_THREADS", 0, low=0),
         supabase_url=supabase_url.rstrip("/"),
         supabase_key=supabase_key,

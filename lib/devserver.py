@@ -74,8 +74,11 @@ def routes(root: Path = ROOT) -> dict[str, type[Endpoint]]:
         table[f"/api/{file.stem}"] = module.handler
     config = json.loads((root / "vercel.json").read_text())
     for rule in config.get("rewrites", []):
-        if rule["destination"] in table:
-            table[rule["source"]] = table[rule["destination"]]
+        destination = rule["destination"].split("?", 1)[0]
+        if destination in table:
+            # `/v1/models/:id*` matches every path under `/v1/models/` (kept as a prefix ending in "/").
+            source = rule["source"].split(":", 1)[0] if rule["source"].endswith("*") else rule["source"]
+            table[source] = table[destination]
     return table
 
 
@@ -89,8 +92,16 @@ class Router(Endpoint):
     timeout = 15.0
 
     def _route(self) -> type[Endpoint]:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        return self.table.get(path, NotFoundEndpoint)
+        raw = self.path.split("?", 1)[0]
+        path = raw.rstrip("/") or "/"
+        if path in self.table:
+            return self.table[path]
+        prefix = raw[:raw.rfind("/") + 1] if "/" in raw else ""
+        while prefix not in ("", "/"):  # the longest prefix rule (`/v1/models/`) that covers the path
+            if prefix in self.table:
+                return self.table[prefix]
+            prefix = prefix[:prefix.rstrip("/").rfind("/") + 1]
+        return NotFoundEndpoint
 
     def _dispatch(self) -> None:
         own = self.__class__

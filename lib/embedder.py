@@ -39,6 +39,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "hf_inference_url": ("HF_INFERENCE_URL",),
     "hf_models": ("HF_MODELS",),
     "hf_batch_size": ("HF_BATCH_SIZE",),
+    "models": ("EMBEDDINGS_ROUTES",),  # {"model id": [{"provider": ...}, ...]}: each model's routes, in order
     "onnx_model_dir": ("EMBEDDINGS_ONNX_MODEL_DIR",),
     "onnx_models": ("EMBEDDINGS_ONNX_MODELS",),
     "supabase_url": ("SUPABASE_URL",),
@@ -59,7 +60,11 @@ def _as_env(options: Mapping[str, Any]) -> dict[str, str]:
             raise TypeError(f"unknown option {name!r}; the options are: {', '.join(OPTIONS)}")
         if value is None:
             continue
-        if isinstance(value, Mapping) and name == "onnx_models":  # {"my/model": "/path/to/dir"}
+        if name == "models" and not isinstance(value, str):
+            import json
+
+            value = json.dumps(value)
+        elif isinstance(value, Mapping) and name == "onnx_models":  # {"my/model": "/path/to/dir"}
             value = ",".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, Mapping):  # hf_models={"BAAI/bge-m3": 1024}
             value = ",".join(f"{k}:{v}" if v else k for k, v in value.items())
@@ -79,6 +84,7 @@ class EmbeddingResult:
     misses: int  # distinct texts paid for (or waited for) in this call
     tokens: int  # tokens the provider billed for this call
     cache_errors: tuple[str, ...] = ()  # cache tiers that failed (the call was served all the same)
+    routes: tuple[str, ...] = ()  # the routes that served its misses, when the models are routed
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -141,6 +147,7 @@ class Embedder:
 
     @property
     def models(self) -> list[str]:
+        """The model ids served (with routes: exactly those configured)."""
         return self._app.registry.ids
 
     # -- the one real call -------------------------------------------------------------------------
@@ -164,6 +171,7 @@ class Embedder:
         found: dict[str, bytes] = {}
         hits = misses = tokens = 0
         errors: list[str] = []
+        routes: list[str] = []
         for start in range(0, len(distinct), limit):
             part = distinct[start:start + limit]
             try:
@@ -173,8 +181,10 @@ class Embedder:
             found.update(zip(part, result.vectors))
             hits, misses, tokens = hits + result.hits, misses + result.misses, tokens + result.tokens
             errors += [e for e in result.cache_errors if e not in errors]
+            routes += [r for r in result.routes if r not in routes]
         vectors = [found[t] for t in items]
-        return EmbeddingResult(vectors, spec.id, len(vectors[0]) // 4, hits, misses, tokens, tuple(errors))
+        return EmbeddingResult(vectors, spec.id, len(vectors[0]) // 4, hits, misses, tokens, tuple(errors),
+                               tuple(routes))
 
     # -- the names vector stores and LangChain call ------------------------------------------------------
 

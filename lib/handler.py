@@ -70,9 +70,9 @@ class Endpoint(BaseHTTPRequestHandler):
         self._settle_body()
         response.headers["x-request-id"] = request_id
         self._send(response)
-        log.info("%s %s %d inputs=%d hits=%d misses=%d %.1fms", self.command, self.path.split("?")[0],
+        log.info("%s %s %d inputs=%d hits=%d misses=%d%s %.1fms", self.command, self.path.split("?")[0],
                  response.status, response.inputs, response.hits, response.misses,
-                 (time.perf_counter() - started) * 1000)
+                 f" route={response.route}" if response.route else "", (time.perf_counter() - started) * 1000)
 
     def _respond(self) -> rq.Response:
         length = self._declared_length()  # before anything else: a request we cannot frame gets nothing
@@ -203,7 +203,8 @@ class Endpoint(BaseHTTPRequestHandler):
         origin = self._allowed_origin()
         if origin is not None:
             self.send_header("access-control-allow-origin", origin)
-            self.send_header("access-control-expose-headers", "x-cache-hits, x-cache-misses, x-request-id")
+            self.send_header("access-control-expose-headers",
+                             "x-cache-hits, x-cache-misses, x-request-id, x-embeddings-route")
             self.send_header("vary", "origin")
         for name, value in response.headers.items():
             self.send_header(name, value)
@@ -263,6 +264,16 @@ class HealthEndpoint(Endpoint):
 
     def answer(self, body: bytes) -> rq.Response:
         return rq.health(get_app())
+
+
+class ModelsEndpoint(Endpoint):
+    """GET /v1/models and /v1/models/{id}: behind the same API keys as embeddings."""
+
+    method = "GET"
+    has_body = False
+
+    def answer(self, body: bytes) -> rq.Response:
+        return rq.models(get_app(), self.path)
 
 
 class OpenAPIEndpoint(Endpoint):

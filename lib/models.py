@@ -15,7 +15,7 @@ from .errors import invalid
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
-    provider: str  # "openai" | "local" | "huggingface" | "onnx"
+    provider: str  # "openai" | "local" | "huggingface" | "onnx", or the routes' providers ("openai,azure")
     dimensions: int | None  # native size; None until learned (Hugging Face models not in config)
     flexible_dimensions: bool = False  # whether `dimensions` may shorten the vector
     accepts_tokens: bool = False  # whether token-id inputs are understood
@@ -49,6 +49,14 @@ class Registry:
                 )
         for model_id, dims in (extra or {}).items():
             self._models[model_id] = ModelSpec(model_id, provider, dims)
+
+    @classmethod
+    def of(cls, specs: list[ModelSpec]) -> Registry:
+        """Exactly these models (a deployment configured with routes)."""
+        self = cls.__new__(cls)
+        self.provider = "routes"
+        self._models = {spec.id: spec for spec in specs}
+        return self
 
     @property
     def ids(self) -> list[str]:

@@ -54,6 +54,7 @@ class Response:
     inputs: int = 0  # for the access log
     hits: int = 0
     misses: int = 0
+    route: str = ""  # for the access log
     content_type: str = "application/json"
 
 
@@ -288,7 +289,10 @@ def embeddings(body: bytes, app: App) -> Response:
     headers = {"x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
     if result.cache_errors:
         headers["x-cache-error"] = ",".join(result.cache_errors)
-    return Response(200, body, headers, len(items), result.hits, result.misses)
+    route = ",".join(result.routes)
+    if route:  # which route(s) of the model served its misses (the cache key never depends on it)
+        headers["x-embeddings-route"] = route
+    return Response(200, body, headers, len(items), result.hits, result.misses, route=route)
 
 
 # A float answer of more vectors than this (in bytes; 4 MiB is about 680 vectors of 1536 floats) is formatted
@@ -354,5 +358,40 @@ def health(app: App) -> Response:
         "cache": app.settings.cache,
         "cache_ok": cache_ok,
         "auth": "required" if app.settings.api_keys else "open",
+        "routes": _route_states(app),
     }
     return Response(200, json.dumps(body).encode())
+
+
+def _route_states(app: App) -> dict[str, list[dict[str, object]]]:
+    """Each model's routes and whether each is up (names and counts only: never a URL or a key)."""
+    states = getattr(app.provider, "states", None)
+    if callable(states):
+        return states()
+    return {m: [{"name": app.settings.provider, "provider": app.settings.provider, "state": "up"}]
+            for m in app.registry.ids}
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def models(app: App, path: str) -> Response:
+    """`GET /v1/models` and `/v1/models/{id}` in OpenAI's shape: exactly the models this deployment serves.
+
+    The id comes from an `id` query parameter (what vercel.json's rewrite passes) or from the path after
+    `/models/` (the dev server, or a platform that keeps the original URL); ids hold slashes, and may arrive
+    percent-encoded."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(path)
+    wanted = parse_qs(parts.query).get("id", [None])[0]
+    if wanted is None and "/models/" in parts.path:
+        wanted = unquote(parts.path.split("/models/", 1)[1])
+    owners = {m: app.registry.get(m).provider for m in app.registry.ids}
+    card = lambda m: {"id": m, "object": "model", "created": 0, "owned_by": owners[m]}  # noqa: E731
+    if not wanted:
+        return Response(200, json.dumps({"object": "list", "data": [card(m) for m in app.registry.ids]}).encode())
+    if wanted not in owners:
+        raise APIError(404, f"The model '{wanted[:200]}' does not exist here. Models: {', '.join(app.registry.ids)}.",
+                       param="model", code="model_not_found")
+    return Response(200, json.dumps(card(wanted)).encode())

@@ -42,6 +42,7 @@ class Result:
     misses: int  # distinct inputs computed (or waited for) in this request
     tokens: int  # tokens the provider billed for this request
     cache_errors: list[str] = field(default_factory=list)  # tiers that failed (names only)
+    routes: list[str] = field(default_factory=list)  # the routes that served this request's misses, if routed
 
 
 class EmbeddingService:
@@ -69,14 +70,16 @@ class EmbeddingService:
         found, errors = self._lookup(list(distinct), model.id, expected, deadline)
         missing = [k for k in distinct if k not in found]
         tokens = 0
+        routes: list[str] = []
         if missing:
             computed, late_hits, tokens, more_errors = self._compute(missing, distinct, model, dimensions,
-                                                                     deadline, landed)
+                                                                     deadline, landed, routes)
             found.update(late_hits)
             found.update(computed)
             errors += [e for e in more_errors if e not in errors]
             missing = [k for k in missing if k not in late_hits]
-        return Result([found[k] for k in keys], len(distinct) - len(missing), len(missing), tokens, errors)
+        return Result([found[k] for k in keys], len(distinct) - len(missing), len(missing), tokens, errors,
+                      list(dict.fromkeys(routes)))
 
     # -- cache tiers -------------------------------------------------------------------------
 
@@ -125,7 +128,8 @@ class EmbeddingService:
     # -- provider --------------------------------------------------------------------------------
 
     def _compute(self, keys: list[str], distinct: dict[str, Item], model: ModelSpec, dimensions: int | None,
-                 deadline: Deadline, landed: int) -> tuple[dict[str, bytes], dict[str, bytes], int, list[str]]:
+                 deadline: Deadline, landed: int,
+                 routes: list[str]) -> tuple[dict[str, bytes], dict[str, bytes], int, list[str]]:
         """Returns (computed or waited for, found late in the tiers, tokens billed, tiers that failed)."""
         # Single flight: claim the keys nobody in this process is computing; wait for the rest.
         mine: dict[str, Future[bytes]] = {}
@@ -150,7 +154,8 @@ class EmbeddingService:
                 for k, vector in late.items():
                     mine.pop(k).set_result(vector)
             if mine:
-                tokens = self._call_provider(list(mine), distinct, model, dimensions, deadline, mine, results, errors)
+                tokens = self._call_provider(list(mine), distinct, model, dimensions, deadline, mine, results, errors,
+                                             routes)
         except BaseException as exc:
             failure = exc
             raise
@@ -174,7 +179,7 @@ class EmbeddingService:
 
     def _call_provider(self, keys: list[str], distinct: dict[str, Item], model: ModelSpec, dimensions: int | None,
                        deadline: Deadline, futures: dict[str, Future[bytes]], results: dict[str, bytes],
-                       errors: list[str]) -> int:
+                       errors: list[str], routes: list[str]) -> int:
         items = [distinct[k] for k in keys]
         batches = self.provider.plan(items, model)
 
@@ -185,6 +190,8 @@ class EmbeddingService:
                                     retryable=False, code="provider_timeout")
             out = self.provider.embed([items[i] for i in batch], model, dimensions, deadline)
             vectors = self._validated(out.vectors, len(batch), model, dimensions)
+            if out.route:
+                routes.extend(out.route.split(","))
             entries = [Entry(keys[i], model.id, len(v) // 4, v) for i, v in zip(batch, vectors)]
             # Cache each batch as soon as it is paid for: a later failure must not lose it.
             self._put(self.tiers, entries, errors, deadline)

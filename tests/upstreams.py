@@ -196,3 +196,26 @@ class FakeHuggingFace(Upstream):
         if self.shape == "1d" and len(vectors) == 1:
             return vectors[0]
         return vectors
+
+
+class FakeAzure(FakeOpenAI):
+    """Azure OpenAI's embeddings: `POST /openai/deployments/{deployment}/embeddings?api-version=...` (the body names
+    no model) and `POST /openai/v1/embeddings` (`model` is the deployment), with the key in an `api-key` header.
+    `deployments` maps each deployment to the model it runs; its vectors are that model's, as OpenAI's are."""
+
+    def __init__(self, deployments: dict[str, str], key: str) -> None:
+        self.deployments = deployments
+        self.key = key
+        super().__init__()
+
+    def answer(self, path: str, body: Any) -> Any:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(path)  # (the api-key header each request carried is checked by the tests, from `requests`)
+        if parts.path.startswith("/openai/deployments/"):
+            deployment = parts.path.split("/")[3]
+            assert parse_qs(parts.query).get("api-version"), "no api-version"
+        else:
+            assert parts.path == "/openai/v1/embeddings", parts.path
+            deployment = body["model"]
+        return super().answer(path, {**body, "model": self.deployments[deployment]})

@@ -21,6 +21,7 @@ Item = Union[str, Sequence[int]]  # a text, or token ids (OpenAI models only)
 class Batch:
     vectors: list[bytes]  # little-endian float32, one per input, in input order
     tokens: int  # what the provider billed for this call (0 if nothing is billed)
+    route: str = ""  # which route(s) served it, when the provider is a router (`lib/providers/router.py`)
 
 
 class Provider(Protocol):

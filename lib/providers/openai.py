@@ -38,15 +38,36 @@ class OpenAIProvider:
     concurrency = 4
 
     def __init__(self, api_key: str, base_url: str | None = None, timeout_s: float = 20.0, *,
-                 organization: str | None = None, project: str | None = None, max_calls: int = 0) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"}
-        if organization:
-            headers["OpenAI-Organization"] = organization
-        if project:
-            headers["OpenAI-Project"] = project
-        self._url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/embeddings"
+                 organization: str | None = None, project: str | None = None, max_calls: int = 0,
+                 url: str | None = None, headers: Mapping[str, str] | None = None,
+                 upstream_model: str | None = None, send_model: bool = True) -> None:
+        if headers is None:
+            headers = {"Authorization": f"Bearer {api_key}"}
+            if organization:
+                headers["OpenAI-Organization"] = organization
+            if project:
+                headers["OpenAI-Project"] = project
+        self._url = url or (base_url or DEFAULT_BASE_URL).rstrip("/") + "/embeddings"
         self._http = HTTPClient(headers, self._url, max_calls)
         self._timeout_s = timeout_s
+        self._upstream_model = upstream_model  # the name the upstream knows the model by (None: the model id)
+        self._send_model = send_model
+
+    @classmethod
+    def azure(cls, api_key: str, endpoint: str, deployment: str, *, api_version: str | None, timeout_s: float = 20.0,
+              max_calls: int = 0) -> OpenAIProvider:
+        """Azure OpenAI: the same bodies, an `api-key` header, and the deployment named in the path
+        (`/openai/deployments/{name}/embeddings?api-version=`) or, with the v1 API (`api_version=None`), as the
+        `model` of `{endpoint}/openai/v1/embeddings`."""
+        from urllib.parse import quote
+
+        base = endpoint.rstrip("/")
+        if api_version:
+            url = f"{base}/openai/deployments/{quote(deployment, safe='')}/embeddings?api-version={quote(api_version)}"
+            return cls(api_key, url=url, headers={"api-key": api_key}, timeout_s=timeout_s, max_calls=max_calls,
+                       send_model=False)
+        return cls(api_key, url=f"{base}/openai/v1/embeddings", headers={"api-key": api_key}, timeout_s=timeout_s,
+                   max_calls=max_calls, upstream_model=deployment)
 
     def key_options(self, model: ModelSpec) -> Mapping[str, object]:
         return {}
@@ -55,8 +76,10 @@ class OpenAIProvider:
         return chunk_by_limits(items, MAX_ITEMS, MAX_TOKENS)
 
     def embed(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None, deadline: Deadline) -> Batch:
-        request: dict[str, Any] = {"input": [x if isinstance(x, str) else list(x) for x in items], "model": model.id,
+        request: dict[str, Any] = {"input": [x if isinstance(x, str) else list(x) for x in items],
                                    "encoding_format": "base64"}
+        if self._send_model:
+            request["model"] = self._upstream_model or model.id
         if dimensions is not None:
             request["dimensions"] = dimensions
         body = json.dumps(request, separators=(",", ":")).encode()  # stdlib: a lone surrogate is escaped, not refused
