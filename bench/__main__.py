@@ -15,6 +15,8 @@
    direct service calls, and peak memory for 100k and 1M lines to .jsonl
 12 the onnx provider: parity with sentence-transformers, cold start to a first vector, texts/s at batch 1 and 32
    on short, long and mixed texts (fp32 and int8) against sentence-transformers, and a server's peak RSS
+13 routes: all-hit throughput with three models configured against one, and the latency a route that is down
+   adds before the next route answers
 """
 
 from __future__ import annotations
@@ -718,8 +720,82 @@ def onnx_provider(s: Setup, rows: list[Row]) -> None:
                         ratio=rss / torch_rss, ratio_to="of torch", target="<= 0.5" if variant == "fp32" else ""))
 
 
+# -- 13: routes ---------------------------------------------------------------------------------------------
+
+
+def routes(s: Setup, rows: list[Row]) -> None:
+    """All-hit throughput with one model configured against three (the router's cost on the hot path), and the
+    latency a route that is down hard adds before the next route answers: once marked down, and before."""
+    from tests.upstreams import FakeAzure
+
+    azure = FakeAzure({"emb-small": MODEL}, "azure-bench-key")
+    try:
+        first = {"provider": "openai", "base_url": s.openai.url}
+        one = {MODEL: [first]}
+        three = {MODEL: [first], "text-embedding-3-large": [first], "text-embedding-ada-002": [first]}
+        pool = texts(16, "routed")
+        b = body(pool, "base64")
+        servers = {}
+        for label, table in (("1 model", one), ("3 models", three)):
+            env = s.env("memory", 64, EMBEDDINGS_ROUTES=json.dumps(table))
+            proc, url = s.devserver(env)
+            servers[label] = KeepAlive(url)
+            servers[label].post("/v1/embeddings", b)  # fill this process's memory tier
+        # Side by side, alternating passes, so that the machine's noise falls on both alike.
+        times: dict[str, list[float]] = {label: [] for label in servers}
+        for _ in range(7 if s.quick else 15):
+            for label, client in servers.items():
+                t = time.perf_counter()
+                for _ in range(200):
+                    client.post("/v1/embeddings", b)
+                times[label].append((time.perf_counter() - t) / 200)
+        base = median_spread(times["1 model"])
+        rows.append(Row("13", "routes, all hits, 16 inputs: 1 model configured", base[0], base[1],
+                        per_second=16 / base[0]))
+        med, spread = median_spread(times["3 models"])
+        rows.append(Row("13", "routes, all hits, 16 inputs: 3 models configured", med, spread, per_second=16 / med,
+                        ratio=(16 / med) / (16 / base[0]), ratio_to="of 1 model's throughput", target=">= 0.95"))
+
+        # Failover latency: the first route refuses connections; a miss each request.
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        second = {"provider": "azure", "endpoint": azure.url, "deployment": "emb-small", "api_key_env": "AZ_KEY"}
+        latency: dict[str, list[float]] = {"azure alone": [], "first route down": []}
+        clients = {}
+        for label, table in (("azure alone", {MODEL: [second]}), ("first route down", {MODEL: [
+                {"provider": "openai", "base_url": dead}, second]})):
+            env = s.env("none", 0, EMBEDDINGS_ROUTES=json.dumps(table), AZ_KEY="azure-bench-key")
+            proc, url = s.devserver(env)
+            clients[label] = KeepAlive(url)
+        marking = []
+        for i in range(2):  # until the dead route is marked down (two failed batches)
+            t = time.perf_counter()
+            status, _, _ = clients["first route down"].post("/v1/embeddings", body([f"marking {i}"], "base64"))
+            assert status == 200
+            marking.append(time.perf_counter() - t)
+        for i in range(30 if s.quick else 60):
+            for label, client in clients.items():
+                t = time.perf_counter()
+                status, _, headers = client.post("/v1/embeddings", body([f"{label} miss {i}"], "base64"))
+                assert status == 200 and headers.get("x-embeddings-route") == ("azure#1" if label == "azure alone"
+                                                                                else "azure#2"), headers
+                latency[label].append(time.perf_counter() - t)
+        alone, _ = median_spread(latency["azure alone"])
+        down, spread = median_spread(latency["first route down"])
+        rows.append(Row("13", "a miss via azure, the only route", alone, 0))
+        rows.append(Row("13", "a miss via azure, the first route down (marked)", down, spread,
+                        note=f"adds {(down - alone) * 1000:.1f} ms [< 50 ms]"))
+        rows.append(Row("13", "first requests, before the route is marked down (max)", max(marking), 0,
+                        note="connection refused, its retries, then the next route: under the 25 s deadline"))
+    finally:
+        azure.close()
+
+
 SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load,
-            "9": storage, "10": ceiling, "11": corpus, "12": onnx_provider}
+            "9": storage, "10": ceiling, "11": corpus, "12": onnx_provider, "13": routes}
 
 
 def main() -> int:

@@ -31,10 +31,11 @@ _ERRORS = {
 def document() -> dict[str, Any]:
     from pydantic.json_schema import models_json_schema
 
-    from .schemas import EmbeddingRequest, EmbeddingResponse, ErrorResponse
+    from .schemas import EmbeddingRequest, EmbeddingResponse, ErrorResponse, Model, ModelList
 
     _, schema = models_json_schema(
-        [(EmbeddingRequest, "validation"), (EmbeddingResponse, "serialization"), (ErrorResponse, "serialization")],
+        [(EmbeddingRequest, "validation"), (EmbeddingResponse, "serialization"), (ErrorResponse, "serialization"),
+         (Model, "serialization"), (ModelList, "serialization")],
         ref_template="#/components/schemas/{model}",
     )
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
@@ -57,6 +58,13 @@ def document() -> dict[str, Any]:
             },
         }
     }
+    def listing(summary: str, operation: str, ref: str, **extra: Any) -> dict[str, Any]:
+        return {"get": {"summary": summary, "operationId": operation, "security": [{"bearer": []}], **extra,
+                        "responses": {"200": {"description": summary, "content": {"application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{ref}"}}}},
+                                      "401": {"description": _ERRORS["401"], **error},
+                                      "404": {"description": "No such model here", **error}}}}
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "Embeddings with a persistent cache", "version": "1.0.0",
@@ -64,6 +72,9 @@ def document() -> dict[str, Any]:
         "paths": {
             "/v1/embeddings": embeddings,
             "/api/embeddings": embeddings,
+            "/v1/models": listing("The models this deployment serves", "listModels", "ModelList"),
+            "/v1/models/{model}": listing("One model this deployment serves", "retrieveModel", "Model", parameters=[
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]),
             "/api/health": {"get": {"summary": "Configuration and cache status (no secrets)",
                                     "operationId": "health",
                                     "responses": {"200": {"description": "Status", "content": {

@@ -70,3 +70,17 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class Model(BaseModel):
+    """One model this deployment serves (`GET /v1/models/{model}`), in OpenAI's shape."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str = Field(description="The provider(s) of its routes, in order")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]

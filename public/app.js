@@ -61,6 +61,7 @@ async function embed(texts, model, dimensions) {
     misses: Number(response.headers.get("x-cache-misses") || 0),
     tokens: answer.usage ? answer.usage.prompt_tokens : 0,
     cacheError: response.headers.get("x-cache-error"),
+    route: response.headers.get("x-embeddings-route"), // which route of the model paid for the misses
     model: answer.model,
   };
 }
@@ -152,7 +153,12 @@ function showHealth(h) {
 }
 
 function onModelChange() {
-  const details = (state.health && state.health.model_details) || [];
+  const h = state.health || {};
+  if (h.provider === "routes") { // each model has its own routes, in order, each up or down
+    const routes = (h.routes && h.routes[$("model").value]) || [];
+    $("status-provider").textContent = routes.map((r) => `${r.name} (${r.state})`).join(" → ");
+  }
+  const details = h.model_details || [];
   const info = details.find((m) => m.id === $("model").value);
   const input = $("dimensions");
   input.disabled = !(info && info.flexible_dimensions);
@@ -232,7 +238,8 @@ function renderMap(texts, vectors) {
 function renderSummary(result) {
   const words = (n, one, many) => `${n} ${n === 1 ? one : many}`;
   $("summary").textContent = `${result.latency.toFixed(0)} ms · ${words(result.hits, "hit", "hits")}, ` +
-    `${words(result.misses, "miss", "misses")} · ${words(result.tokens, "token", "tokens")} billed · ${result.model}`;
+    `${words(result.misses, "miss", "misses")} · ${words(result.tokens, "token", "tokens")} billed · ${result.model}` +
+    (result.route ? ` via ${result.route}` : "");
   if (result.cacheError) {
     showMessage("warning", `Cache degraded: the ${result.cacheError} cache did not answer, so these vectors came ` +
       "from the provider and may be paid for again.");

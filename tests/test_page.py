@@ -209,3 +209,37 @@ def test_the_dev_server_serves_public_and_nothing_else(local_url):
         r = httpx.get(local_url + path)
         assert r.status_code == 404 and r.headers["content-type"] == "application/json", path
         assert json.loads(r.text)["error"]["code"] == "not_found"
+
+
+def test_routed_models_show_their_routes_and_the_one_that_served(browser, monkeypatch, tmp_path, serve):
+    """With EMBEDDINGS_ROUTES the status names the selected model's routes and their state, and each embed says
+    which route paid for its misses (here the first route fails and the second answers)."""
+    import json
+
+    from tests.conftest import app_module
+    from tests.upstreams import FakeAzure, FakeOpenAI, Scripted
+
+    openai, azure = FakeOpenAI(), FakeAzure({"emb-small": "text-embedding-3-small"}, "azure-SENTINEL-key")
+    try:
+        openai.script = [Scripted(500)] * 8
+        routes = {"text-embedding-3-small": [
+            {"provider": "openai", "base_url": openai.url},
+            {"provider": "azure", "endpoint": azure.url, "deployment": "emb-small"}]}
+        monkeypatch.setenv("EMBEDDINGS_ROUTES", json.dumps(routes))
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SENTINEL-not-a-real-key")
+        monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-SENTINEL-key")
+        monkeypatch.setenv("EMBEDDINGS_CACHE", "memory")
+        monkeypatch.setenv("EMBEDDINGS_TIMEOUT_S", "8")
+        app_module.reset()
+        watched = Watched(browser, serve().url)
+        try:
+            assert watched.page.inner_text("#status-provider") == "openai#1 (up) → azure#2 (up)"
+            watched.embed(["routed one", "routed two"])
+            watched.wait_results()
+            expect(watched.page.locator("#summary")).to_contain_text("text-embedding-3-small via azure#2")
+            assert watched.console == []
+        finally:
+            watched.close()
+    finally:
+        openai.close()
+        azure.close()
