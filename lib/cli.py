@@ -7,7 +7,8 @@
 
 `embed` is a third door onto the same service: in-process it is the `Embedder` (same keys, same cache as
 the endpoint); with `--url` it is a client of a deployed endpoint. Nothing here embeds by itself.
-Exit codes: 0 done, 1 the provider or the endpoint failed (or refused the key), 2 bad input or usage (a
+Exit codes: 0 done, 75 batches submitted or still running (--batch-api: run it again later), 1 the provider or
+the endpoint failed (or refused the key), 2 bad input or usage (a
 model that is not served, `--dimensions` it does not take), 130 interrupted (Ctrl-C). After 130 or a passing
 failure, the same command again pays only for what was not done; after a failure that would only happen again,
 the last line says what to change instead.
@@ -77,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--url", default=None, help="a deployed endpoint's base URL, ending in /v1 (as the openai "
                                                    "SDK's base_url); default: embed in this process")
     embed.add_argument("--api-key", default=None, help="the endpoint's key (with --url)")
+    embed.add_argument("--batch-api", action="store_true",
+                       help="pay half through OpenAI's Batch API: submit the texts the cache lacks and exit; the same "
+                            "command again collects (results within 24 h), then writes --out")
+    embed.add_argument("--wait", action="store_true", help="with --batch-api: poll until the batches are done")
+    embed.add_argument("--sync-rest", action="store_true",
+                       help="with --batch-api: pay what the batches did not deliver through the ordinary endpoint now")
 
     sub.add_parser("stats", help="what the persistent cache holds, per model and size", epilog=EXAMPLES["stats"],
                    formatter_class=fmt, description="One line per model and dimensions: rows, bytes, oldest and "
@@ -171,11 +178,22 @@ def _embedder(args: argparse.Namespace) -> tuple[Any, int, bool]:
 def embed(args: argparse.Namespace) -> int:
     if args.api_key and not args.url:
         return _fail(2, "--api-key is for --url (in-process runs use the environment's keys)")
+    if args.batch_api and args.url:
+        return _fail(2, "--batch-api pays OpenAI directly, in this process: it does not combine with --url")
+    if (args.wait or args.sync_rest) and not args.batch_api:
+        return _fail(2, "--wait and --sync-rest are for --batch-api")
+    if args.batch_api and args.input == "-":
+        return _fail(2, "--batch-api reads a file, not standard input: the run that collects must find the same input")
     embedder, max_chars, persistent = _embedder(args)
+    if args.batch_api and not persistent:
+        return _fail(2, "--batch-api needs a persistent cache (EMBEDDINGS_CACHE=sqlite or supabase): collected vectors "
+                        "are kept there until the output is written")
     src = open_source(args.input, field=args.field, id_field=args.id_field)
     try:
         started = time.monotonic()
         census = validate(src, max_chars)  # every line checked before the first request
+        if args.batch_api:
+            return batch_api(args, embedder, src, census, started)
         out = open_output(args.out, census.texts) if args.out else None
         one_pass = census.distinct == census.texts or not persistent
         progress = Progress(census.texts if one_pass else census.distinct, sys.stderr)
@@ -246,6 +264,99 @@ def _fix(exc: EmbeddingError, args: argparse.Namespace) -> str | None:
     if exc.code in ("misconfigured", "auth_not_configured", "unsupported_model_output", "provider_unavailable"):
         return "fix the configuration the message names"
     return None
+
+
+PENDING = 75  # EX_TEMPFAIL: batches were submitted or are still running; run the same command again later
+MAX_ROUNDS = 3  # submissions one --wait run makes before it leaves the rest to a later run
+
+
+def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census, started: float) -> int:
+    """Submit what the cache lacks to OpenAI's Batch API, collect what finished, and write the output once every
+    text is cached (`lib/batch.py`). Exit 0 when written, PENDING when batches are out, as for `embed` otherwise."""
+    from pathlib import Path
+
+    from . import batch as bt
+
+    spec, dims = embedder.resolve(args.model, args.dimensions)
+    provider, settings, secret = embedder.route_of(spec.id)
+    if provider != "openai":
+        return _fail(2, f"--batch-api is OpenAI's: {spec.id!r} is served by {provider} here (OpenAI models through "
+                        "an openai route only)")
+    target = Path(args.out or args.input)
+    state_path = target.with_name(target.name + ".batch.json")
+    job = bt.job_id(src.path, spec.id, dims)
+    state = bt.State.load(state_path, job, spec.id, dims) or bt.State(state_path, job, spec.id, dims)
+    run = bt.BatchRun(embedder, bt.BatchClient(settings["base_url"], secret), state, spec, dims)
+    if run.adopt():
+        bt.say(f"found batches of this job that {state_path.name} did not list (a run that stopped early): "
+               "collecting them instead of paying again")
+    run.create_uploaded()
+    tally = bt.Tally()
+    rounds = 0
+    while True:
+        run.collect(tally)
+        texts, keys, lacking = bt.missing(embedder, src, census, spec, dims, state.in_flight())
+        pending = sum(not b.get("collected") for b in state.batches)
+        if lacking == 0 or (args.sync_rest and not pending):
+            break
+        if args.sync_rest and not args.wait:  # pay now what no batch holds; the batches still running stay theirs
+            for start in range(0, len(texts), args.batch_size):
+                embedder.embed(texts[start:start + args.batch_size], model=spec.id, dimensions=args.dimensions)
+            _batch_report(tally)
+            print(f"paid {len(texts)} texts through the endpoint now; pending: {pending} batch(es) running; run the "
+                  "same command again to collect them and write the output", file=sys.stderr)
+            return PENDING
+        if texts and args.wait and rounds >= MAX_ROUNDS:
+            _batch_report(tally)
+            print(f"pending: batches keep ending without all their results ({lacking} distinct texts to come after "
+                  f"{rounds} submissions); run the same command later, or add --sync-rest to pay the rest now",
+                  file=sys.stderr)
+            return PENDING
+        if texts and not args.sync_rest:
+            count, made = run.submit(texts, keys)
+            rounds += 1
+            bt.say(f"submitted {count} texts (the distinct texts the cache lacked) in {made} batch file(s); "
+                   f"state in {state_path}")
+        pending = sum(not b.get("collected") for b in state.batches)
+        if not args.wait:
+            _batch_report(tally)
+            print(f"pending: {pending} batch(es) running, {lacking} distinct texts to come; run the same command "
+                  "again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
+            return PENDING
+        bt.say(f"waiting: {pending} batch(es) running, {lacking} distinct texts to come, {tally.stored} collected")
+        bt.poll_wait()
+    _batch_report(tally)
+    # Every text is cached now (or --sync-rest pays what is not): the synchronous command writes the output, all hits.
+    out = open_output(args.out, census.texts) if args.out else None
+    writing = Progress(census.texts, sys.stderr, "writing")
+    outcome = _run(embedder, src, args, out, writing, census, expect_hits=True)
+    writing.close()
+    elapsed = time.monotonic() - started
+    summary = (f"{census.texts} texts ({census.distinct} distinct): {census.distinct - writing.misses} hits, "
+               f"{writing.misses} misses, {writing.tokens + tally.tokens} tokens billed, of which {tally.tokens} at "
+               f"the Batch API's rate (half price), {elapsed:.1f} s")
+    if outcome is None:
+        print(f"done: {summary}" + (f"; vectors in {args.out}" if args.out else "; the cache is filled"),
+              file=sys.stderr)
+        return 0
+    print(f"stopped: {summary}", file=sys.stderr)
+    print(f"error: {_describe(outcome) if isinstance(outcome, EmbeddingError) else 'interrupted'}", file=sys.stderr)
+    return 130 if isinstance(outcome, KeyboardInterrupt) else 1
+
+
+def _batch_report(tally: Any) -> None:
+    """What collecting found, in one line (only when there is something to say)."""
+    parts = []
+    if tally.stored:
+        parts.append(f"collected {tally.stored} vectors ({tally.tokens} tokens at the batch rate)")
+    if tally.failed:
+        parts.append("lines not answered: " + ", ".join(f"{n} {reason}" for reason, n in sorted(tally.failed.items())))
+    if tally.rejected:
+        parts.append(f"{tally.rejected} answered lines refused (malformed or wrong length; not cached, paid again)")
+    if tally.stray:
+        parts.append(f"{tally.stray} output lines for a custom_id this job never sent (ignored)")
+    if parts:
+        print("batch: " + "; ".join(parts), file=sys.stderr)
 
 
 class _Warm(Exception):

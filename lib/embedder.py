@@ -141,6 +141,31 @@ class Embedder:
         return self._app.settings
 
     @property
+    def service(self) -> Any:
+        """The embedding service itself (`lib.service.EmbeddingService`): keys, cache lookups and writes, for the
+        corpus command's Batch API path, which pays elsewhere and stores here."""
+        return self._app.service
+
+    def resolve(self, model: str | None = None, dimensions: int | None = None) -> tuple[Any, int | None]:
+        """The model's spec and the dimensions as the cache keys them (the endpoint's rules: InvalidInputError)."""
+        from .request import check
+
+        try:
+            _, spec, dims = check(["x"], model, dimensions, self._app, max_inputs=None, texts_only=True)
+        except APIError as err:
+            raise EmbeddingError.from_api(err) from None
+        return spec, dims
+
+    def route_of(self, model: str, provider: str = "openai") -> tuple[str, dict[str, str], str]:
+        """(provider, settings, secret) of the model's first route through `provider`, or else its first route
+        (for the Batch API path, which only OpenAI offers)."""
+        s = self._app.settings
+        if s.routes:
+            route = next((r for r in s.routes[model] if r.provider == provider), s.routes[model][0])
+            return route.provider, dict(route.settings), route.secret
+        return s.provider, {"base_url": s.openai_base_url or "https://api.openai.com/v1"}, s.openai_api_key
+
+    @property
     def model(self) -> str:
         """The model used when a call names none."""
         return self._app.default_model

@@ -81,6 +81,29 @@ class EmbeddingService:
         return Result([found[k] for k in keys], len(distinct) - len(missing), len(missing), tokens, errors,
                       list(dict.fromkeys(routes)))
 
+    # -- the cache alone (the corpus command's Batch API path: it pays elsewhere, then stores here) ----------
+
+    def keys(self, items: Sequence[Item], model: ModelSpec, dimensions: int | None) -> list[str]:
+        """The cache keys of `items`, exactly as `embed` makes them."""
+        make_key = key_function(model.id, dimensions, self.provider.key_options(model))
+        return [make_key(item) for item in items]
+
+    def cached(self, keys: list[str], model: ModelSpec, dimensions: int | None) -> dict[str, bytes]:
+        """Which of `keys` every tier together holds (valid vectors only)."""
+        found, _ = self._lookup(list(dict.fromkeys(keys)), model.id, dimensions or model.dimensions,
+                                Deadline(self.timeout_s))
+        return found
+
+    def store(self, keys: list[str], vectors: list[bytes], model: ModelSpec, dimensions: int | None) -> list[str]:
+        """Vectors paid for elsewhere, checked as a provider's answer is (count, length, finiteness, the
+        dimensions asked), then written to every tier. A malformed set raises ProviderError and stores
+        nothing. Returns the tiers that failed."""
+        vectors = self._validated(vectors, len(keys), model, dimensions)
+        errors: list[str] = []
+        self._put(self.tiers, [Entry(k, model.id, len(v) // 4, v) for k, v in zip(keys, vectors)], errors,
+                  Deadline(self.timeout_s))
+        return errors
+
     # -- cache tiers -------------------------------------------------------------------------
 
     def _lookup(self, keys: list[str], model: str, expected: int | None,

@@ -34,7 +34,7 @@ def test_vercel_build_deploys_only_the_functions():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(run.stdout)
-    assert report["functions"] == ["api/embeddings.func", "api/health.func", "api/openapi.func"]
+    assert report["functions"] == ["api/embeddings.func", "api/health.func", "api/models.func", "api/openapi.func"]
     assert report["problems"] == []
     assert report["static"] == ["app.js", "favicon.svg", "index.html", "style.css"]  # the page, nothing else
     csp = report["headers"].get("content-security-policy", "")

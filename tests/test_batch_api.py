@@ -1,0 +1,174 @@
+"""Backfills through OpenAI's Batch API (issue 22): `python -m lib embed FILE --batch-api`, run for real in a
+subprocess against a loopback server speaking the Files and Batches APIs (`tests/fake_batches.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, SENTINEL
+from tests.fake_batches import FakeBatches
+
+MODEL = "text-embedding-3-small"
+KEY = "sk-test-SENTINEL-not-a-real-key"
+
+
+@pytest.fixture
+def batches():
+    fake = FakeBatches()
+    yield fake
+    fake.close()
+
+
+def env_for(fake: FakeBatches, tmp_path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_", "SUPABASE_", "HF_"))}
+    env.update({"PYTHONPATH": str(ROOT), "EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": KEY,
+                "OPENAI_BASE_URL": fake.url, "EMBEDDINGS_CACHE": "sqlite",
+                "EMBEDDINGS_SQLITE_PATH": str(tmp_path / "cache.sqlite3"), "EMBEDDINGS_BATCH_POLL_S": "0.02",
+                "EMBEDDINGS_BATCH_LINE_INPUTS": "4", **extra})
+    return env
+
+
+def embed(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, "-m", "lib", "embed", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert SENTINEL not in run.stdout + run.stderr
+    return run
+
+
+def corpus(tmp_path, distinct: int = 20, lines: int = 30) -> list[str]:
+    texts = [f"backfill text {i % distinct}" for i in range(lines)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    return texts
+
+
+def expected(fake: FakeBatches, texts: list[str]) -> np.ndarray:
+    from tests.upstreams import vector_for
+
+    return np.stack([vector_for(MODEL, t, 1536) for t in texts])
+
+
+def cached(tmp_path) -> int:
+    with sqlite3.connect(tmp_path / "cache.sqlite3") as db:
+        return db.execute("select count(*) from embedding_cache").fetchone()[0]
+
+
+def test_submit_then_collect_then_a_rerun_pays_nothing(batches, tmp_path):
+    texts = corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    # Five texts are cached already (an earlier synchronous run): the batch must not hold them.
+    (tmp_path / "head.txt").write_text("\n".join(texts[:5]) + "\n")
+    assert embed(["head.txt"], env, tmp_path).returncode == 0
+    assert batches.sync_inputs == texts[:5]
+
+    first = embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path)
+    assert first.returncode == 75, first.stderr
+    assert "submitted 15 texts (the distinct texts the cache lacked)" in first.stderr
+    assert sorted(batches.submitted_inputs()) == sorted(set(texts) - set(texts[:5]))  # exactly those, once each
+    state = json.loads((tmp_path / "out.npy.batch.json").read_text())
+    assert state["model"] == MODEL and len(state["batches"]) == 1 and not (tmp_path / "out.npy").exists()
+    dumped = json.dumps(state)
+    assert "backfill text" not in dumped and KEY not in dumped  # keys and ids only: no text, no secret
+    upload = [p for m, p in batches.requests if m == "POST" and p != "/v1/embeddings"]
+    assert upload == ["/v1/files", "/v1/batches"]
+
+    pending = embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path)
+    assert pending.returncode == 75 and "pending: 1 batch(es) running" in pending.stderr, pending.stderr
+    assert len(batches.batches) == 1  # nothing submitted twice while the batch runs
+
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    tokens = sum(len(t.split()) for t in set(texts) - set(texts[:5]))
+    assert re.search(rf"30 texts \(20 distinct\): 20 hits, 0 misses, {tokens} tokens billed, of which {tokens} at "
+                     r"the Batch API's rate", done.stderr), done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert cached(tmp_path) == 20
+
+    again = embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path)
+    assert again.returncode == 0 and "0 misses, 0 tokens billed" in again.stderr
+    assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 15  # nothing more submitted or paid
+
+
+def test_partial_outcomes_lose_nothing_and_the_rest_is_submitted_again(batches, tmp_path):
+    texts = corpus(tmp_path, distinct=16, lines=16)  # 4 lines of 4 inputs
+    env = env_for(batches, tmp_path)
+    assert embed(["in.txt", "--batch-api", "--out", "out.jsonl"], env, tmp_path).returncode == 75
+    # The batch expires after 3 of its 4 lines: one goes to the error file, one has a vector of the wrong length,
+    # one is answered well; and an output line names a custom_id nobody sent.
+    batches.end_as, batches.complete_lines, batches.instant = "expired", 3, True
+    batches.error_lines, batches.wrong_length_lines, batches.stray_custom_id = 1, 1, True
+    second = embed(["in.txt", "--batch-api", "--out", "out.jsonl"], env, tmp_path)
+    assert second.returncode == 75, second.stderr
+    assert "collected 4 vectors" in second.stderr and "1 server_error" in second.stderr
+    assert "1 batch expired" in second.stderr and "1 answered lines refused" in second.stderr
+    assert "1 output lines for a custom_id this job never sent" in second.stderr
+    assert cached(tmp_path) == 4  # the one good line, kept; nothing of the refused one
+    first, resubmitted = [[t for line in batches.files[b["input_file_id"]]["lines"] for t in line["body"]["input"]]
+                          for b in batches.batches.values()]
+    delivered = set(first[8:12])  # the third line (after the error and the wrong-length lines)
+    assert sorted(resubmitted) == sorted(set(first) - delivered)  # the rest, each once: nothing paid twice
+    batches.end_as, batches.complete_lines = "completed", None
+    batches.error_lines = batches.wrong_length_lines = 0
+    batches.stray_custom_id = False
+    done = embed(["in.txt", "--batch-api", "--out", "out.jsonl", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(16))
+    assert np.allclose(np.array([r["embedding"] for r in rows], dtype=np.float32), expected(batches, texts))
+
+
+def test_a_run_that_stops_between_upload_and_create_uploads_nothing_twice(batches, tmp_path):
+    corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    batches.fail_create_after_upload = True
+    stopped = embed(["in.txt", "--batch-api"], env, tmp_path)
+    assert stopped.returncode == 1 and "the Batch API answered 400" in stopped.stderr, stopped.stderr
+    assert len(batches.files) == 1 and not batches.batches
+    state = json.loads((tmp_path / "in.txt.batch.json").read_text())
+    assert len(state["uploaded"]) == 1  # recorded before the create that failed
+    again = embed(["in.txt", "--batch-api"], env, tmp_path)
+    assert again.returncode == 75 and len(batches.files) == 1 and len(batches.batches) == 1, again.stderr
+    assert "submitted" not in again.stderr  # the uploaded file became the batch: no second upload
+
+
+def test_a_lost_state_file_is_recovered_from_the_batches_api(batches, tmp_path):
+    texts = corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    assert embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path).returncode == 75
+    (tmp_path / "out.npy.batch.json").unlink()
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0 and "found batches of this job" in done.stderr, done.stderr
+    assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 20  # found, not paid again
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+
+
+def test_sync_rest_pays_what_the_batches_did_not_deliver(batches, tmp_path):
+    texts = corpus(tmp_path, distinct=8, lines=8)
+    env = env_for(batches, tmp_path)
+    assert embed(["in.txt", "--batch-api"], env, tmp_path).returncode == 75
+    batches.end_as, batches.complete_lines = "cancelled", 1
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--sync-rest", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(batches.sync_inputs) == sorted(texts[4:])  # the second line's texts, paid now, once
+    assert "4 misses" in done.stderr and np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+
+
+@pytest.mark.parametrize("extra, args, says", [
+    ({"EMBEDDINGS_PROVIDER": "huggingface", "HF_TOKEN": "hf_x"}, [], "--batch-api is OpenAI's"),
+    ({}, ["--url", "http://127.0.0.1:9/v1"], "does not combine with --url"),
+    ({"EMBEDDINGS_CACHE": "memory"}, [], "needs a persistent cache"),
+    ({}, ["--wait-typo"], "unrecognized arguments"),
+])
+def test_what_the_batch_path_refuses_says_why(batches, tmp_path, extra, args, says):
+    corpus(tmp_path)
+    env = env_for(batches, tmp_path, **extra)
+    run = embed(["in.txt", "--batch-api", *args], env, tmp_path)
+    assert run.returncode == 2 and says in run.stderr, run.stderr
+    assert not batches.requests
