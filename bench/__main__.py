@@ -17,6 +17,8 @@
    on short, long and mixed texts (fp32 and int8) against sentence-transformers, and a server's peak RSS
 13 routes: all-hit throughput with three models configured against one, and the latency a route that is down
    adds before the next route answers
+14 the Batch API path: a 100,000-line corpus (50 % duplicates), submitting against the census alone, collecting
+   against an all-hit re-run, and peak RSS
 """
 
 from __future__ import annotations
@@ -794,8 +796,70 @@ def routes(s: Setup, rows: list[Row]) -> None:
         azure.close()
 
 
+# -- 14: the Batch API path -----------------------------------------------------------------------------------
+
+
+def batch_api(s: Setup, rows: list[Row]) -> None:
+    """100,000 lines, 50 % duplicates: submitting against the census alone, collecting (and writing the output)
+    against an all-hit re-run of the synchronous command, and each run's peak RSS."""
+    from tests.fake_batches import FakeBatches
+
+    work = s.tmp / "batch"
+    work.mkdir()
+    lines = 100_000
+    (work / "in.txt").write_text("".join(f"batch corpus text {i % (lines // 2)} with some words\n" for i in range(lines)))
+    fake = FakeBatches()
+    fake.instant = True
+    try:
+        env = {"EMBEDDINGS_PROVIDER": "openai", "OPENAI_API_KEY": "sk-bench-not-a-real-key", "OPENAI_BASE_URL": fake.url,
+               "EMBEDDINGS_CACHE": "sqlite", "EMBEDDINGS_SQLITE_PATH": str(work / "c.sqlite3"),
+               "EMBEDDINGS_BATCH_POLL_S": "0.05", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        full = {**{k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDINGS_", "OPENAI_"))}, **env}
+
+        def timed(cmd: list[str]) -> tuple[float, float, int]:
+            """Wall time, the command's own peak RSS (MB, from /proc while it runs), and its exit code."""
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=work, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            peak = 0
+            while proc.poll() is None:
+                try:
+                    status = Path(f"/proc/{proc.pid}/status").read_text()
+                    peak = max(peak, int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]))
+                except (OSError, StopIteration):
+                    pass
+                time.sleep(0.02)
+            proc.communicate()
+            return time.perf_counter() - t, peak / 1024, proc.returncode
+
+        census_cmd = [sys.executable, "-c", "import sys; sys.modules.setdefault('httpx._main', None); "
+                      "from lib.corpus import open_source, validate; validate(open_source('in.txt'), 50000)"]
+        census, _, _ = timed(census_cmd)
+        submit, submit_rss, code = timed([sys.executable, "-m", "lib", "embed", "in.txt", "--batch-api", "--out",
+                                          "v.npy", "--dimensions", "256"])
+        assert code == 75, code
+        sent = len(fake.submitted_inputs())
+        rows.append(Row("14", "census alone, 100,000 lines (a fresh process)", census, 0, per_second=lines / census))
+        rows.append(Row("14", "--batch-api: submit what the cache lacks", submit, 0, per_second=lines / submit,
+                        ratio=submit / census, ratio_to="of the census alone", target="<= 1.5",
+                        note=f"texts submitted {sent} == distinct {lines // 2}: {sent == lines // 2}; "
+                             f"peak RSS {submit_rss:.0f} MB"))
+        collect, collect_rss, code = timed([sys.executable, "-m", "lib", "embed", "in.txt", "--batch-api", "--out",
+                                            "v.npy", "--dimensions", "256", "--wait"])
+        assert code == 0, code
+        rerun, rerun_rss, code = timed([sys.executable, "-m", "lib", "embed", "in.txt", "--out", "v2.npy",
+                                        "--dimensions", "256"])
+        assert code == 0, code
+        rows.append(Row("14", "all-hit re-run of the synchronous command, to .npy", rerun, 0,
+                        per_second=lines / rerun, note=f"peak RSS {rerun_rss:.0f} MB"))
+        rows.append(Row("14", "--batch-api: collect 50,000 vectors, write .npy", collect, 0,
+                        per_second=lines / collect, ratio=collect / rerun, ratio_to="of the all-hit re-run",
+                        target="<= 1.5", note=f"peak RSS {collect_rss:.0f} MB; 256 dims"))
+    finally:
+        fake.close()
+
+
 SECTIONS = {"1": hot_path, "3": cold_start, "4": bundle, "5": local_provider, "6": cost, "7": memory, "8": load,
-            "9": storage, "10": ceiling, "11": corpus, "12": onnx_provider, "13": routes}
+            "9": storage, "10": ceiling, "11": corpus, "12": onnx_provider, "13": routes, "14": batch_api}
 
 
 def main() -> int:

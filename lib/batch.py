@@ -110,6 +110,21 @@ class BatchClient:
     def content(self, file_id: str) -> bytes:
         return self._call("GET", f"/files/{file_id}/content").content
 
+    def lines(self, file_id: str) -> Iterator[str]:
+        """A file's lines as they arrive: an output file of 50,000 vectors is never held whole."""
+        import httpx
+
+        try:
+            with self._client.stream("GET", f"/files/{file_id}/content") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise EmbeddingError(r.status_code, f"the Batch API answered {r.status_code} for file {file_id}",
+                                         code="batch_api_error")
+                yield from (line for line in r.iter_lines() if line.strip())
+        except httpx.TransportError as exc:
+            raise EmbeddingError(502, f"could not read file {file_id} from the Batch API ({type(exc).__name__}); "
+                                 "run the same command again", code="batch_api_unreachable") from None
+
 
 @dataclass
 class State:
@@ -235,13 +250,10 @@ class BatchRun:
             if batch["status"] not in TERMINAL:
                 continue
             if batch.get("error_file_id"):
-                for raw in self.client.content(batch["error_file_id"]).splitlines():
-                    if raw.strip():
-                        tally.reason(_failure(json.loads(raw)))
+                for raw in self.client.lines(batch["error_file_id"]):
+                    tally.reason(_failure(json.loads(raw)))
             if batch.get("output_file_id"):
-                for raw in self.client.content(batch["output_file_id"]).splitlines():
-                    if not raw.strip():
-                        continue
+                for raw in self.client.lines(batch["output_file_id"]):
                     line = json.loads(raw)
                     keys = entry["lines"].get(line.get("custom_id"))
                     if keys is None:
