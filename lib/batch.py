@@ -46,6 +46,7 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 LINE_INPUTS = min(2048, int(os.environ.get("EMBEDDINGS_BATCH_LINE_INPUTS") or 2048))
 LINE_TOKENS = 300_000
 TERMINAL = ("completed", "expired", "failed", "cancelled")
+STORE_ROWS = 16_384  # validated vectors written to the cache in one go
 POLL_S = float(os.environ.get("EMBEDDINGS_BATCH_POLL_S") or 30)
 
 
@@ -242,6 +243,8 @@ class BatchRun:
         from .providers.http import Answer
         from .providers.openai import _parse
 
+        held_keys: list[str] = []
+        held: list[bytes] = []
         for entry in self.state.batches:
             if entry.get("collected"):
                 continue
@@ -266,16 +269,29 @@ class BatchRun:
                     try:
                         body = json.dumps(response.get("body")).encode()
                         parsed = _parse(Answer(200, {}, body), len(keys))  # the provider's own strict reading
-                        self.service.store(keys, parsed.vectors, self.spec, self.dims)
+                        vectors = self.service.validated(parsed.vectors, len(keys), self.spec, self.dims)
                     except ProviderError:
                         tally.rejected += 1
                         continue
-                    tally.stored += len(keys)
+                    held_keys += keys
+                    held += vectors
+                    if len(held) >= STORE_ROWS:
+                        self._store(held_keys, held, tally)
+                        held_keys, held = [], []
                     tally.tokens += parsed.tokens
+            self._store(held_keys, held, tally)
+            held_keys, held = [], []
             if batch["status"] != "completed":
                 tally.reason(f"batch {batch['status']}")
             entry["collected"] = True
             self.state.save()
+
+    def _store(self, keys: list[str], vectors: list[bytes], tally: Tally) -> None:
+        """Validated vectors into every cache tier, many lines at a time (one transaction of SQLite for thousands
+        of rows, not one per line: each commit of a large write costs a checkpoint)."""
+        if keys:
+            self.service.store(keys, vectors, self.spec, self.dims, checked=True)  # each line validated as read
+            tally.stored += len(keys)
 
     # -- submit ---------------------------------------------------------------------------------------------
 

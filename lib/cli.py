@@ -277,7 +277,10 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census,
 
     from . import batch as bt
 
-    spec, dims = embedder.resolve(args.model, args.dimensions)
+    try:
+        spec, dims = embedder.resolve(args.model, args.dimensions)
+    except EmbeddingError as exc:  # a model not served, dimensions it does not take: nothing was sent
+        return _fail(2, f"{exc}; running it again unchanged cannot help: {_fix(exc, args)}")
     provider, settings, secret = embedder.route_of(spec.id)
     if provider != "openai":
         return _fail(2, f"--batch-api is OpenAI's: {spec.id!r} is served by {provider} here (OpenAI models through "

@@ -94,11 +94,17 @@ class EmbeddingService:
                                 Deadline(self.timeout_s))
         return found
 
-    def store(self, keys: list[str], vectors: list[bytes], model: ModelSpec, dimensions: int | None) -> list[str]:
-        """Vectors paid for elsewhere, checked as a provider's answer is (count, length, finiteness, the
-        dimensions asked), then written to every tier. A malformed set raises ProviderError and stores
-        nothing. Returns the tiers that failed."""
-        vectors = self._validated(vectors, len(keys), model, dimensions)
+    def validated(self, vectors: list[bytes], count: int, model: ModelSpec, dimensions: int | None) -> list[bytes]:
+        """Vectors paid for elsewhere, checked as a provider's answer is (count, length, finiteness, the dimensions
+        asked): ProviderError if anything is wrong."""
+        return self._validated(vectors, count, model, dimensions)
+
+    def store(self, keys: list[str], vectors: list[bytes], model: ModelSpec, dimensions: int | None, *,
+              checked: bool = False) -> list[str]:
+        """Vectors paid for elsewhere, validated (`validated`; `checked`: the caller just did), then written to
+        every tier. A malformed set raises ProviderError and stores nothing. Returns the tiers that failed."""
+        if not checked:
+            vectors = self._validated(vectors, len(keys), model, dimensions)
         errors: list[str] = []
         self._put(self.tiers, [Entry(k, model.id, len(v) // 4, v) for k, v in zip(keys, vectors)], errors,
                   Deadline(self.timeout_s))
