@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -295,40 +296,44 @@ class BatchRun:
 
     # -- submit ---------------------------------------------------------------------------------------------
 
-    def submit(self, texts: list[str], keys: list[str]) -> tuple[int, int]:
-        """Upload and create batches for these texts (distinct, missing, not in flight). Returns (texts, batches)."""
-        lines = [[i for i in chunk] for chunk in chunk_by_limits(texts, LINE_INPUTS, LINE_TOKENS)]
-        made = 0
-        start = 0
-        while start < len(lines):
+    def submit(self, pairs: Iterator[tuple[str, str]]) -> tuple[int, int]:
+        """Upload and create batches for (text, key) pairs (distinct, missing, not in flight), a file at a time: at
+        most MAX_INPUTS texts are held, however long the corpus. Returns (texts, batches)."""
+        submitted = made = lines = 0
+        pairs = iter(pairs)
+        while group := list(islice(pairs, MAX_INPUTS)):
+            texts = [t for t, _ in group]
             content: list[bytes] = []
             holds: dict[str, list[str]] = {}
-            inputs = size = 0
-            seq = len(self.state.batches) + len(self.state.uploaded)
-            while start < len(lines) and len(content) < MAX_LINES and inputs + len(lines[start]) <= MAX_INPUTS:
-                chunk = lines[start]
-                custom_id = f"{self.state.job[:8]}-{seq}-{len(content)}"
+            size = 0
+            for chunk in chunk_by_limits(texts, LINE_INPUTS, LINE_TOKENS):
                 body: dict[str, Any] = {"model": self.spec.id, "input": [texts[i] for i in chunk],
                                         "encoding_format": "base64"}
                 if self.dims is not None:
                     body["dimensions"] = self.dims
+                lines += 1  # custom ids are unique within a file (the state keeps each batch's own)
+                custom_id = f"{self.state.job[:8]}-{lines}"
                 row = json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body},
                                  separators=(",", ":")).encode() + b"\n"
-                if content and size + len(row) > MAX_FILE_BYTES:
-                    break
+                if content and size + len(row) > MAX_FILE_BYTES:  # the file is full: send it, start another
+                    self._send(content, holds)
+                    made, content, holds, size = made + 1, [], {}, 0
                 content.append(row)
-                holds[custom_id] = [keys[i] for i in chunk]
-                inputs += len(chunk)
+                holds[custom_id] = [group[i][1] for i in chunk]
                 size += len(row)
-                start += 1
-            file_id = self.client.upload(b"".join(content), f"{self.state.path.stem}-{seq}.jsonl")
-            # Recorded before the batch is made: a run that dies here leaves a file nobody pays for, and the next
-            # run makes its batch instead of uploading the texts again.
-            self.state.uploaded.append({"input_file_id": file_id, "lines": holds})
-            self.state.save()
-            self.create_uploaded()
+            self._send(content, holds)
             made += 1
-        return len(texts), made
+            submitted += len(group)
+        return submitted, made
+
+    def _send(self, content: list[bytes], holds: dict[str, list[str]]) -> None:
+        seq = len(self.state.batches) + len(self.state.uploaded)
+        file_id = self.client.upload(b"".join(content), f"{self.state.path.stem}-{seq}.jsonl")
+        # Recorded before the batch is made: a run that dies here leaves a file nobody pays for, and the next run
+        # makes its batch instead of uploading the texts again.
+        self.state.uploaded.append({"input_file_id": file_id, "lines": holds})
+        self.state.save()
+        self.create_uploaded()
 
 
 def _failure(line: dict[str, Any]) -> str:
@@ -340,26 +345,28 @@ def _failure(line: dict[str, Any]) -> str:
     return str(code)[:80]
 
 
-def missing(embedder: Any, src: Any, census: Any, spec: Any, dims: int | None,
-            in_flight: set[str]) -> tuple[list[str], list[str], int]:
-    """The distinct texts the cache lacks and no batch in flight holds, their keys, and how many the cache lacks in
-    all. Read in the census's order of first occurrences, looked up a few thousand at a time."""
+@dataclass
+class Lacking:
+    """How many distinct texts the cache lacks (in flight or not), known once `missing`'s stream is read."""
+
+    count: int = 0
+
+
+def missing(embedder: Any, src: Any, census: Any, spec: Any, dims: int | None, in_flight: set[str],
+            lacking: Lacking) -> Iterator[tuple[str, str]]:
+    """The distinct texts the cache lacks and no batch in flight holds, with their keys, as a stream: read in the
+    census's order of first occurrences and looked up a few thousand at a time, so memory stays flat."""
     from .corpus import batches
 
-    texts: list[str] = []
-    keys: list[str] = []
-    lacking = 0
     for batch in batches(src, 4096, census):
         chunk = [t for _, t in batch]
         chunk_keys = embedder.service.keys(chunk, spec, dims)
         found = embedder.service.cached(chunk_keys, spec, dims)
         for text, key in zip(chunk, chunk_keys):
             if key not in found:
-                lacking += 1
+                lacking.count += 1
                 if key not in in_flight:
-                    texts.append(text)
-                    keys.append(key)
-    return texts, keys, lacking
+                    yield text, key
 
 
 def say(message: str) -> None:

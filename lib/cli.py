@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import islice
 from collections.abc import Sequence
 from contextlib import ExitStack
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -298,35 +299,44 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census,
     rounds = 0
     while True:
         run.collect(tally)
-        texts, keys, lacking = bt.missing(embedder, src, census, spec, dims, state.in_flight())
         pending = sum(not b.get("collected") for b in state.batches)
-        if lacking == 0 or (args.sync_rest and not pending):
-            break
+        if args.sync_rest and not pending:
+            break  # the writing pass pays what is still missing, through the ordinary endpoint
+        lacking = bt.Lacking()
+        stream = bt.missing(embedder, src, census, spec, dims, state.in_flight(), lacking)
+        count = made = 0
         if args.sync_rest and not args.wait:  # pay now what no batch holds; the batches still running stay theirs
-            for start in range(0, len(texts), args.batch_size):
-                embedder.embed(texts[start:start + args.batch_size], model=spec.id, dimensions=args.dimensions)
+            while chunk := [t for t, _ in islice(stream, args.batch_size)]:
+                embedder.embed(chunk, model=spec.id, dimensions=args.dimensions)
+                count += len(chunk)
             _batch_report(tally)
-            print(f"paid {len(texts)} texts through the endpoint now; pending: {pending} batch(es) running; run the "
+            print(f"paid {count} texts through the endpoint now; pending: {pending} batch(es) running; run the "
                   "same command again to collect them and write the output", file=sys.stderr)
             return PENDING
-        if texts and args.wait and rounds >= MAX_ROUNDS:
-            _batch_report(tally)
-            print(f"pending: batches keep ending without all their results ({lacking} distinct texts to come after "
-                  f"{rounds} submissions); run the same command later, or add --sync-rest to pay the rest now",
-                  file=sys.stderr)
-            return PENDING
-        if texts and not args.sync_rest:
-            count, made = run.submit(texts, keys)
+        if args.sync_rest or (args.wait and rounds >= MAX_ROUNDS):
+            for _ in stream:  # counted, not submitted: --sync-rest pays them once the batches end
+                pass
+        else:
+            count, made = run.submit(stream)
+        if count:
             rounds += 1
             bt.say(f"submitted {count} texts (the distinct texts the cache lacked) in {made} batch file(s); "
                    f"state in {state_path}")
+        if lacking.count == 0:
+            break
         pending = sum(not b.get("collected") for b in state.batches)
-        if not args.wait:
+        if not args.wait or (rounds >= MAX_ROUNDS and not pending):
             _batch_report(tally)
-            print(f"pending: {pending} batch(es) running, {lacking} distinct texts to come; run the same command "
-                  "again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
+            if rounds >= MAX_ROUNDS and not pending:
+                print(f"pending: batches keep ending without all their results ({lacking.count} distinct texts to "
+                      f"come after {rounds} submissions); run the same command later, or add --sync-rest to pay the "
+                      "rest now", file=sys.stderr)
+            else:
+                print(f"pending: {pending} batch(es) running, {lacking.count} distinct texts to come; run the same "
+                      "command again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
             return PENDING
-        bt.say(f"waiting: {pending} batch(es) running, {lacking} distinct texts to come, {tally.stored} collected")
+        bt.say(f"waiting: {pending} batch(es) running, {lacking.count} distinct texts to come, {tally.stored} "
+               "collected")
         bt.poll_wait()
     _batch_report(tally)
     # Every text is cached now (or --sync-rest pays what is not): the synchronous command writes the output, all hits.
