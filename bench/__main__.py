@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -833,7 +834,7 @@ def batch_api(s: Setup, rows: list[Row]) -> None:
 
         census_cmd = [sys.executable, "-c", "import sys; sys.modules.setdefault('httpx._main', None); "
                       "from lib.corpus import open_source, validate; validate(open_source('in.txt'), 50000)"]
-        census, _, _ = timed(census_cmd)
+        census = statistics.median(timed(census_cmd)[0] for _ in range(3))
         submit, submit_rss, code = timed([sys.executable, "-m", "lib", "embed", "in.txt", "--batch-api", "--out",
                                           "v.npy", "--dimensions", "256"])
         assert code == 75, code
@@ -848,9 +849,10 @@ def batch_api(s: Setup, rows: list[Row]) -> None:
         collect, collect_rss, code = timed([sys.executable, "-m", "lib", "embed", "in.txt", "--batch-api", "--out",
                                             "v.npy", "--dimensions", "256", "--wait"])
         assert code == 0, code
-        rerun, rerun_rss, code = timed([sys.executable, "-m", "lib", "embed", "in.txt", "--out", "v2.npy",
-                                        "--dimensions", "256"])
-        assert code == 0, code
+        reruns = [timed([sys.executable, "-m", "lib", "embed", "in.txt", "--out", "v2.npy", "--dimensions", "256"])
+                  for _ in range(3)]
+        assert all(code == 0 for _, _, code in reruns), reruns
+        rerun, rerun_rss = statistics.median(t for t, _, _ in reruns), max(r for _, r, _ in reruns)
         rows.append(Row("14", "all-hit re-run of the synchronous command, to .npy", rerun, 0,
                         per_second=lines / rerun, note=f"peak RSS {rerun_rss:.0f} MB"))
         rows.append(Row("14", "--batch-api: collect 50,000 vectors, write .npy", collect, 0,
