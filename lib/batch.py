@@ -288,8 +288,8 @@ class BatchRun:
             self.state.save()
 
     def _store(self, keys: list[str], vectors: list[bytes], tally: Tally) -> None:
-        """Validated vectors into every cache tier, many lines at a time (one transaction of SQLite for thousands
-        of rows, not one per line: each commit of a large write costs a checkpoint)."""
+        """Validated vectors into every cache tier, many lines at a time: one SQLite transaction for thousands of
+        rows, not one per output line."""
         if keys:
             self.service.store(keys, vectors, self.spec, self.dims, checked=True)  # each line validated as read
             tally.stored += len(keys)
