@@ -64,11 +64,11 @@ def _cosines(a: Any, b: Any) -> Any:
 
 def _pooling_config(st: Any) -> dict[str, Any]:
     """The Pooling module's configuration in the hub's keys (what fastembed and older readers understand)."""
-    from .providers.onnx import _pooling
+    from .providers.onnx import pooling_mode
 
     pool = st[1]
     config = pool.get_config_dict()
-    mode = _pooling(config, Path("1_Pooling/config.json"))
+    mode = pooling_mode(config, Path("1_Pooling/config.json"))
     dims = config.get("word_embedding_dimension") or config.get("embedding_dimension")
     return {"word_embedding_dimension": dims, "pooling_mode_cls_token": mode == "cls",
             "pooling_mode_mean_tokens": mode == "mean", "pooling_mode_max_tokens": mode == "max",

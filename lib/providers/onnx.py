@@ -60,7 +60,7 @@ def model_file(directory: Path) -> Path:
     raise ConfigError(f"{directory}: no model file (onnx/model.onnx or model.onnx)")
 
 
-def _pooling(config: Mapping[str, Any], path: Path) -> str:
+def pooling_mode(config: Mapping[str, Any], path: Path) -> str:
     """sentence-transformers 6 writes {"pooling_mode": "cls"}; models on the hub say pooling_mode_cls_token: true."""
     if isinstance(config.get("pooling_mode"), str):
         modes = [config["pooling_mode"].replace("_token", "").replace("mean_tokens", "mean")]
@@ -90,7 +90,7 @@ def read_layout(directory: Path) -> Layout:
             if kind == "Pooling":
                 pool_path = directory / module.get("path", "1_Pooling") / "config.json"
                 pool = _read_json(pool_path)
-                pooling = _pooling(pool, pool_path)
+                pooling = pooling_mode(pool, pool_path)
                 dims = pool.get("word_embedding_dimension") or pool.get("embedding_dimension")
                 dimensions = int(dims) if isinstance(dims, int) else None
             elif kind == "Normalize":
@@ -101,7 +101,7 @@ def read_layout(directory: Path) -> Layout:
         pool_path = directory / "1_Pooling" / "config.json"
         if pool_path.is_file():
             pool = _read_json(pool_path)
-            pooling = _pooling(pool, pool_path)
+            pooling = pooling_mode(pool, pool_path)
     limits = []
     sbert_path = directory / "sentence_bert_config.json"
     lowercase = False
@@ -112,8 +112,9 @@ def read_layout(directory: Path) -> Layout:
             limits.append(sbert["max_seq_length"])
     if not limits:  # what sentence-transformers falls back to: the tokenizer's and the position table's limits
         tok_config = directory / "tokenizer_config.json"
-        if tok_config.is_file() and isinstance(_read_json(tok_config).get("model_max_length"), int):
-            limits.append(_read_json(tok_config)["model_max_length"])
+        tok_limit = _read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
+        if isinstance(tok_limit, int):
+            limits.append(tok_limit)
         config = _read_json(directory / "config.json")
         if isinstance(config.get("max_position_embeddings"), int):
             # RoBERTa-family position ids start after the padding id: two positions fewer are usable.
