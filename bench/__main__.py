@@ -713,6 +713,24 @@ def onnx_provider(s: Setup, rows: list[Row]) -> None:
                     per_second=together, ratio=together / (256 * apart), ratio_to="of the halves apart",
                     target=">= 0.95"))
 
+    # fastembed on the same model directory (installed apart, for the benchmark only), side by side in one process.
+    fastembed = s.tmp / "fastembed"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                "--target", str(fastembed), "fastembed==0.9.1"], capture_output=True, text=True)
+    if installed.returncode != 0:
+        rows.append(Row("12", "fastembed: not measured", 0, 0, unit="", note="it did not install: "
+                        + installed.stderr.strip().splitlines()[-1][:120]))
+    else:
+        side = subprocess.run([sys.executable, "bench/fastembed_side.py", str(dirs["fp32"]), str(repeats)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(fastembed), "HF_HUB_OFFLINE": "1"},
+                              capture_output=True, text=True, check=True)
+        result = json.loads(side.stdout.strip().splitlines()[-1])
+        for r in result["rows"]:
+            rows.append(Row("12", f"onnx fp32 vs fastembed, {r['what']}", 1 / r["ours"], 0, per_second=r["ours"],
+                            ratio=r["ours"] / r["fastembed"], ratio_to="of fastembed", target=">= 1.0",
+                            note=f"fastembed {r['fastembed']:,.0f}/s; same directory, onnxruntime "
+                                 f"{result['onnxruntime']}, min cosine {result['min_cosine']:.7f}"))
+
     # Peak RSS of a server holding each model (one request answered).
     torch_rss = _rss_of_server(s, {"EMBEDDINGS_PROVIDER": "local", "EMBEDDINGS_CACHE": "none", "HF_HUB_OFFLINE": "1"})
     rows.append(Row("12", "peak RSS, dev server holding the torch model", torch_rss, 0, unit="MB"))
