@@ -109,9 +109,6 @@ class BatchClient:
                 return
             after = page["data"][-1]["id"]
 
-    def content(self, file_id: str) -> bytes:
-        return self._call("GET", f"/files/{file_id}/content").content
-
     def lines(self, file_id: str) -> Iterator[str]:
         """A file's lines as they arrive: an output file of 50,000 vectors is never held whole."""
         import httpx
@@ -189,7 +186,6 @@ def job_id(source: Path, model: str, dimensions: int | None) -> str:
 
 class BatchRun:
     def __init__(self, embedder: Any, client: BatchClient, state: State, spec: Any, dims: int | None) -> None:
-        self.embedder = embedder
         self.service = embedder.service
         self.client = client
         self.state = state
@@ -218,10 +214,9 @@ class BatchRun:
 
     def _keys_of(self, file_id: str) -> dict[str, list[str]]:
         lines: dict[str, list[str]] = {}
-        for raw in self.client.content(file_id).splitlines():
-            if raw.strip():
-                line = json.loads(raw)
-                lines[line["custom_id"]] = self.service.keys(line["body"]["input"], self.spec, self.dims)
+        for raw in self.client.lines(file_id):
+            line = json.loads(raw)
+            lines[line["custom_id"]] = self.service.keys(line["body"]["input"], self.spec, self.dims)
         return lines
 
     def create_uploaded(self) -> None:

@@ -100,11 +100,13 @@ def _hf_models(raw: str) -> dict[str, int | None]:
     return models
 
 
-def _model_dir(raw: str) -> str:
-    """A relative model directory is found from the working directory, or else from the project's root (a Vercel
-    function's working directory is not promised to be its root)."""
+def onnx_dir(env: Mapping[str, str], given: str | None = None) -> str:
+    """An ONNX model directory: `given`, else EMBEDDINGS_ONNX_MODEL_DIR, else where the export writes. A relative one
+    is found from the working directory, or else from the project's root (a Vercel function's working directory is
+    not promised to be its root)."""
     from pathlib import Path
 
+    raw = given or env.get("EMBEDDINGS_ONNX_MODEL_DIR", "").strip() or DEFAULT_ONNX_DIR
     path = Path(raw)
     if path.is_absolute() or path.exists():
         return raw
@@ -122,13 +124,13 @@ def _onnx_models(env: Mapping[str, str]) -> dict[str, str]:
             model_id, sep, directory = part.partition("=")
             if not sep or not model_id.strip() or not directory.strip():
                 raise ConfigError(f"EMBEDDINGS_ONNX_MODELS: '{part}' must be 'model id=directory'")
-            models[model_id.strip()] = _model_dir(directory.strip())
+            models[model_id.strip()] = onnx_dir(env, directory.strip())
         return models
     from pathlib import Path
 
     from .providers.onnx import claimed_id
 
-    directory = _model_dir(env.get("EMBEDDINGS_ONNX_MODEL_DIR", "").strip() or DEFAULT_ONNX_DIR)
+    directory = onnx_dir(env)
     if not Path(directory).is_dir():
         raise ConfigError(f"EMBEDDINGS_ONNX_MODEL_DIR={directory}: no such directory (`python -m lib export-onnx --out "
                           f"{directory}` writes one, with the development requirements)")

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .config import DEFAULT_ONNX_DIR, ConfigError
+from .config import ConfigError
 
 AZURE_API_VERSION = "2024-10-21"  # the classic path's default; "v1" (or null) selects the /openai/v1 API
 # The settings each provider's route may carry ("name" labels a route in headers, logs and health).
@@ -119,10 +119,9 @@ def _route(model: str, index: int, entry: object, env: Mapping[str, str]) -> Rou
     elif provider == "huggingface":
         settings.setdefault("url", env.get("HF_INFERENCE_URL", "").strip() or "https://router.huggingface.co/hf-inference")
     elif provider == "onnx":
-        from .config import _model_dir
+        from .config import onnx_dir
 
-        settings["dir"] = _model_dir(settings.get("dir") or env.get("EMBEDDINGS_ONNX_MODEL_DIR", "").strip()
-                                     or DEFAULT_ONNX_DIR)
+        settings["dir"] = onnx_dir(env, settings.get("dir"))
     for key in ("base_url", "url"):
         if key in settings and not settings[key].startswith(("https://", "http://")):
             raise ConfigError(f"{where}: {key!r} must be an http(s) URL")
