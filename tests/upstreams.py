@@ -59,8 +59,10 @@ class Upstream:
                 length = int(self.headers.get("content-length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
                 with upstream.lock:
+                    # "at" is when the request arrived, the moment its latency counts from (not after its body was
+                    # read): in-flight windows measured from it are exact, even on a loaded machine.
                     upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                              "at": time.monotonic()})
+                                              "at": arrived})
                     scripted = upstream.script.pop(0) if upstream.script else None
                 if scripted is None:
                     status, payload, headers, raw = 200, upstream.answer(self.path, body), {}, None
