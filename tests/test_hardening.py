@@ -247,6 +247,40 @@ def test_sqlite_concurrent_writers_and_readers(tmp_path):
         assert db.execute("select count(*), count(distinct key) from embedding_cache").fetchone() == (200, 200)
 
 
+_FIRST_LAYOUT = """CREATE TABLE embedding_cache (key TEXT PRIMARY KEY, model TEXT NOT NULL, dimensions INTEGER NOT NULL,
+    vector BLOB NOT NULL CHECK (length(vector) = 4 * dimensions), created_at REAL NOT NULL) WITHOUT ROWID"""
+
+
+def test_sqlite_rows_of_a_vector_take_about_their_size_on_disk(tmp_path):
+    """1 KB vectors (256 dims) fit on the table's own pages: the file is not several times the vectors."""
+    path = tmp_path / "c.sqlite3"
+    cache = SQLiteCache(str(path))
+    cache.put_many([Entry(f"{i:064x}", "m", 256, np.full(256, i, dtype="<f4").tobytes()) for i in range(5000)])
+    with sqlite3.connect(path) as db:
+        db.execute("pragma wal_checkpoint(TRUNCATE)")
+    assert path.stat().st_size < 1.6 * 5000 * 1024
+
+
+def test_sqlite_file_of_the_first_layout_is_migrated_whole(tmp_path):
+    """A cache file written by an earlier version (WITHOUT ROWID, before last use was tracked) is rewritten once on
+    open: every row, vector and date kept, and it takes new rows as before."""
+    path = tmp_path / "old.sqlite3"
+    vectors = {f"{i:064x}": np.full(256, i, dtype="<f4").tobytes() for i in range(300)}
+    with sqlite3.connect(path) as db:
+        db.execute("pragma journal_mode=wal")
+        db.execute(_FIRST_LAYOUT)
+        db.executemany("insert into embedding_cache values (?, 'm', 256, ?, 1000.0)", vectors.items())
+    cache = SQLiteCache(str(path))
+    assert cache.get_many(list(vectors)) == vectors
+    cache.put_many([Entry(f"{300:064x}", "m", 256, np.full(256, 300, dtype="<f4").tobytes())])
+    with sqlite3.connect(path) as db:
+        (sql,) = db.execute("select sql from sqlite_master where name = 'embedding_cache'").fetchone()
+        assert "WITHOUT ROWID" not in sql.upper()
+        assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+        assert db.execute("select count(*), min(created_at) from embedding_cache").fetchone() == (301, 1000.0)
+    assert [s.rows for s in SQLiteCache(str(path)).stats()] == [301]  # a second open finds nothing to do
+
+
 # -- faults ----------------------------------------------------------------------------------------------
 
 _WRITER = """

@@ -23,18 +23,38 @@ from datetime import datetime, timezone
 from ..deadline import Deadline
 from .base import CacheStats, Entry
 
+# A rowid table with the vector last. Rows are ~1 KB (256 dims) to 6 KB (1536): in a WITHOUT ROWID table (an
+# index B-tree, at most ~1 KB of a row on its page) every row spilled into an overflow page of its own, so 51 MB of
+# vectors took a 233 MB file, and each write and each hit touched twice the pages (bench section 14).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS embedding_cache (
     key TEXT PRIMARY KEY,
     model TEXT NOT NULL,
     dimensions INTEGER NOT NULL,
-    vector BLOB NOT NULL CHECK (length(vector) = 4 * dimensions),
     created_at REAL NOT NULL,
-    last_used_at REAL
-) WITHOUT ROWID
+    last_used_at REAL,
+    vector BLOB NOT NULL CHECK (length(vector) = 4 * dimensions)
+)
 """
 # Files made before last use was tracked get the column (NULL: "as old as the row").
 _ADD_LAST_USED = "ALTER TABLE embedding_cache ADD COLUMN last_used_at REAL"
+# Files of the first layout (WITHOUT ROWID) are rewritten once into the one above, rows unchanged.
+_MIGRATE = [
+    _SCHEMA.replace("IF NOT EXISTS embedding_cache", "embedding_cache_new"),
+    "INSERT INTO embedding_cache_new (key, model, dimensions, created_at, last_used_at, vector) "
+    "SELECT key, model, dimensions, created_at, last_used_at, vector FROM embedding_cache ORDER BY key",
+    "DROP TABLE embedding_cache",
+    "ALTER TABLE embedding_cache_new RENAME TO embedding_cache",
+]
+
+# A row whose vector has the wrong length (written by a bug or an old version) is replaced.
+_PUT = """
+INSERT INTO embedding_cache (key, model, dimensions, vector, created_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT(key) DO UPDATE SET model = excluded.model, dimensions = excluded.dimensions,
+    vector = excluded.vector, created_at = excluded.created_at, last_used_at = excluded.last_used_at
+WHERE length(embedding_cache.vector) != length(excluded.vector)
+"""
+_LAST_USED = "ALTER TABLE embedding_cache ADD COLUMN last_used_at REAL"
 
 # A row whose vector has the wrong length (written by a bug or an old version) is replaced.
 _PUT = """
@@ -82,6 +102,8 @@ class SQLiteCache:
                 except sqlite3.OperationalError as exc:  # another process added it first
                     if "duplicate column" not in str(exc):
                         raise
+            if _first_layout(conn):
+                _migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -240,6 +262,29 @@ class SQLiteCache:
                     conn.execute("ROLLBACK")
                 raise
         return old + over
+
+
+def _first_layout(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'embedding_cache'").fetchone()
+    return row is not None and "WITHOUT ROWID" in row[0].upper()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Rewrite a first-layout file into the rowid layout, in one transaction: readers of other processes see the
+    old table or the new one, whole. A process that finds the file locked leaves it to a later open (both layouts
+    answer the same statements); one that finds it already migrated does nothing."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return
+    try:
+        if _first_layout(conn):
+            for statement in _MIGRATE:
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _utc(seconds: float | None) -> datetime | None:
