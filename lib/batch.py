@@ -30,11 +30,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import orjson
 
 from .corpus import CorpusError
 from .errors import EmbeddingError
@@ -48,6 +49,7 @@ LINE_INPUTS = min(2048, int(os.environ.get("EMBEDDINGS_BATCH_LINE_INPUTS") or 20
 LINE_TOKENS = 300_000
 TERMINAL = ("completed", "expired", "failed", "cancelled")
 STORE_ROWS = 16_384  # validated vectors written to the cache in one go
+LOOKUP = 4096  # first occurrences looked up in the cache at a time
 POLL_S = float(os.environ.get("EMBEDDINGS_BATCH_POLL_S") or 30)
 
 
@@ -86,9 +88,10 @@ class BatchClient:
                                  code="batch_api_unreachable") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def upload(self, content: bytes, filename: str) -> str:
-        r = self._call("POST", "/files", data={"purpose": "batch"},
-                       files={"file": (filename, content, "application/jsonl")})
+    def upload(self, path: Path, filename: str) -> str:
+        """A batch input file, streamed from disk (up to 200 MB; httpx rewinds it for a retry)."""
+        with open(path, "rb") as f:
+            r = self._call("POST", "/files", data={"purpose": "batch"}, files={"file": (filename, f, "application/jsonl")})
         return str(r.json()["id"])
 
     def create(self, file_id: str, metadata: dict[str, str]) -> dict[str, Any]:
@@ -109,8 +112,9 @@ class BatchClient:
                 return
             after = page["data"][-1]["id"]
 
-    def lines(self, file_id: str) -> Iterator[str]:
-        """A file's lines as they arrive: an output file of 50,000 vectors is never held whole."""
+    def lines(self, file_id: str) -> Iterator[bytes]:
+        """A file's lines as they arrive, as bytes (JSON parses them as they are): an output file of 50,000 vectors
+        is never held whole."""
         import httpx
 
         try:
@@ -119,7 +123,16 @@ class BatchClient:
                     r.read()
                     raise EmbeddingError(r.status_code, f"the Batch API answered {r.status_code} for file {file_id}",
                                          code="batch_api_error")
-                yield from (line for line in r.iter_lines() if line.strip())
+                held = bytearray()  # a line (2,048 vectors: megabytes) arrives in many chunks
+                for chunk in r.iter_bytes():
+                    start = len(held)
+                    held += chunk
+                    end = held.rfind(b"\n", start)  # only the new chunk can end a line
+                    if end >= 0:
+                        yield from (line for line in bytes(held[:end]).split(b"\n") if line.strip())
+                        del held[:end + 1]
+                if held.strip():
+                    yield bytes(held)
         except httpx.TransportError as exc:
             raise EmbeddingError(502, f"could not read file {file_id} from the Batch API ({type(exc).__name__}); "
                                  "run the same command again", code="batch_api_unreachable") from None
@@ -140,7 +153,7 @@ class State:
     def load(cls, path: Path, job: str, model: str, dimensions: int | None) -> State | None:
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
+        data = orjson.loads(path.read_bytes())
         if data.get("job") != job:
             raise CorpusError(f"{path}: the state of another job (another input, model or dimensions); move it "
                               "away, or run the command it was written for")
@@ -148,9 +161,10 @@ class State:
 
     def save(self) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps({"version": 1, "job": self.job, "model": self.model,
-                                       "dimensions": self.dimensions, "batches": self.batches,
-                                       "uploaded": self.uploaded}))
+        # orjson: the state lists every key in flight (50,000 a file), and json.dumps took 20 ms a save
+        partial.write_bytes(orjson.dumps({"version": 1, "job": self.job, "model": self.model,
+                                          "dimensions": self.dimensions, "batches": self.batches,
+                                          "uploaded": self.uploaded}))
         os.replace(partial, self.path)
 
     def in_flight(self) -> set[str]:
@@ -236,8 +250,7 @@ class BatchRun:
     def collect(self, tally: Tally) -> None:
         """Read every finished batch not yet collected into the cache, adding what was found to `tally`."""
         from .errors import ProviderError
-        from .providers.http import Answer
-        from .providers.openai import _parse
+        from .providers.openai import parse_body
 
         held_keys: list[str] = []
         held: list[bytes] = []
@@ -250,10 +263,10 @@ class BatchRun:
                 continue
             if batch.get("error_file_id"):
                 for raw in self.client.lines(batch["error_file_id"]):
-                    tally.reason(_failure(json.loads(raw)))
+                    tally.reason(_failure(orjson.loads(raw)))
             if batch.get("output_file_id"):
                 for raw in self.client.lines(batch["output_file_id"]):
-                    line = json.loads(raw)
+                    line = orjson.loads(raw)
                     keys = entry["lines"].get(line.get("custom_id"))
                     if keys is None:
                         tally.stray += 1
@@ -263,8 +276,10 @@ class BatchRun:
                         tally.reason(_failure(line))
                         continue
                     try:
-                        body = json.dumps(response.get("body")).encode()
-                        parsed = _parse(Answer(200, {}, body), len(keys))  # the provider's own strict reading
+                        body = response.get("body")
+                        if not isinstance(body, dict):
+                            raise ProviderError(502, "an output line without a response body")
+                        parsed = parse_body(body, len(keys))  # the provider's own strict reading
                         vectors = self.service.validated(parsed.vectors, len(keys), self.spec, self.dims)
                     except ProviderError:
                         tally.rejected += 1
@@ -291,44 +306,17 @@ class BatchRun:
 
     # -- submit ---------------------------------------------------------------------------------------------
 
-    def submit(self, pairs: Iterator[tuple[str, str]]) -> tuple[int, int]:
-        """Upload and create batches for (text, key) pairs (distinct, missing, not in flight), a file at a time: at
-        most MAX_INPUTS texts are held, however long the corpus. Returns (texts, batches)."""
-        submitted = made = lines = 0
-        pairs = iter(pairs)
-        while group := list(islice(pairs, MAX_INPUTS)):
-            texts = [t for t, _ in group]
-            content: list[bytes] = []
-            holds: dict[str, list[str]] = {}
-            size = 0
-            for chunk in chunk_by_limits(texts, LINE_INPUTS, LINE_TOKENS):
-                body: dict[str, Any] = {"model": self.spec.id, "input": [texts[i] for i in chunk],
-                                        "encoding_format": "base64"}
-                if self.dims is not None:
-                    body["dimensions"] = self.dims
-                lines += 1  # custom ids are unique within a file (the state keeps each batch's own)
-                custom_id = f"{self.state.job[:8]}-{lines}"
-                row = json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body},
-                                 separators=(",", ":")).encode() + b"\n"
-                if content and size + len(row) > MAX_FILE_BYTES:  # the file is full: send it, start another
-                    self._send(content, holds)
-                    made, content, holds, size = made + 1, [], {}, 0
-                content.append(row)
-                holds[custom_id] = [group[i][1] for i in chunk]
-                size += len(row)
-            self._send(content, holds)
-            made += 1
-            submitted += len(group)
-        return submitted, made
-
-    def _send(self, content: list[bytes], holds: dict[str, list[str]]) -> None:
-        seq = len(self.state.batches) + len(self.state.uploaded)
-        file_id = self.client.upload(b"".join(content), f"{self.state.path.stem}-{seq}.jsonl")
-        # Recorded before the batch is made: a run that dies here leaves a file nobody pays for, and the next run
-        # makes its batch instead of uploading the texts again.
-        self.state.uploaded.append({"input_file_id": file_id, "lines": holds})
-        self.state.save()
-        self.create_uploaded()
+    def send(self, spool: Spool) -> int:
+        """Upload each of the spool's files and create its batch. Returns how many batches were made."""
+        for made, part in enumerate(spool.close(), 1):
+            seq = len(self.state.batches) + len(self.state.uploaded)
+            file_id = self.client.upload(part.path, f"{self.state.path.stem}-{seq}.jsonl")
+            # Recorded before the batch is made: a run that dies here leaves a file nobody pays for, and the next
+            # run makes its batch instead of uploading the texts again.
+            self.state.uploaded.append({"input_file_id": file_id, "lines": part.holds})
+            self.state.save()
+            self.create_uploaded()
+        return len(spool.parts)
 
 
 def _failure(line: dict[str, Any]) -> str:
@@ -340,28 +328,111 @@ def _failure(line: dict[str, Any]) -> str:
     return str(code)[:80]
 
 
-@dataclass
 class Lacking:
-    """How many distinct texts the cache lacks (in flight or not), known once `missing`'s stream is read."""
+    """First occurrences in (pushed by the census as it reads, or by a later re-read), the distinct texts the cache
+    lacks out: looked up LOOKUP at a time, all counted, and those no batch in flight holds handed to `sink` with
+    their keys. Memory holds one lookup's texts, however long the corpus."""
 
-    count: int = 0
+    def __init__(self, service: Any, spec: Any, dims: int | None, in_flight: set[str],
+                 sink: Callable[[list[str], list[str]], None] | None) -> None:
+        self.service, self.spec, self.dims = service, spec, dims
+        self.in_flight = in_flight
+        self.sink = sink
+        self.count = 0  # distinct texts the cache lacks, in flight or not (known once `flush` has run)
+        self._held: list[str] = []
+
+    def add(self, text: str) -> None:
+        self._held.append(text)
+        if len(self._held) >= LOOKUP:
+            self.flush()
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        if not held:
+            return
+        keys = self.service.keys(held, self.spec, self.dims)
+        found = self.service.cached(keys, self.spec, self.dims)
+        lacking = [i for i, key in enumerate(keys) if key not in found]
+        self.count += len(lacking)
+        if self.sink is not None:
+            send = [i for i in lacking if keys[i] not in self.in_flight]
+            self.sink([held[i] for i in send], [keys[i] for i in send])
+
+    def read(self, src: Any, census: Any) -> None:
+        """Every first occurrence of an input already counted (a later round of the same run)."""
+        from .corpus import batches
+
+        for batch in batches(src, LOOKUP, census):
+            for _, text in batch:
+                self.add(text)
+        self.flush()
 
 
-def missing(embedder: Any, src: Any, census: Any, spec: Any, dims: int | None, in_flight: set[str],
-            lacking: Lacking) -> Iterator[tuple[str, str]]:
-    """The distinct texts the cache lacks and no batch in flight holds, with their keys, as a stream: read in the
-    census's order of first occurrences and looked up a few thousand at a time, so memory stays flat."""
-    from .corpus import batches
+@dataclass
+class Part:
+    """One batch input file being written: its path and which keys each of its request lines holds."""
 
-    for batch in batches(src, 4096, census):
-        chunk = [t for _, t in batch]
-        chunk_keys = embedder.service.keys(chunk, spec, dims)
-        found = embedder.service.cached(chunk_keys, spec, dims)
-        for text, key in zip(chunk, chunk_keys):
-            if key not in found:
-                lacking.count += 1
-                if key not in in_flight:
-                    yield text, key
+    path: Path
+    handle: BinaryIO
+    holds: dict[str, list[str]] = field(default_factory=dict)
+    inputs: int = 0
+    size: int = 0
+
+
+class Spool:
+    """Batch input files, written to a temporary directory as the lacking texts arrive (`add`): request lines of at
+    most LINE_INPUTS inputs and LINE_TOKENS tokens, files of at most MAX_LINES lines, MAX_INPUTS inputs and
+    MAX_FILE_BYTES. Memory holds one line's texts; the files are uploaded from disk, and removed with the spool.
+    Nothing is sent while it is written: the census that feeds it can still stop at a bad line."""
+
+    def __init__(self, directory: str, job: str, model: str, dims: int | None, first_seq: int) -> None:
+        self.directory = Path(directory)
+        self.model, self.dims = model, dims
+        self.prefix = f"{job[:8]}-{first_seq}"  # custom ids: unique within the job, across its runs' files
+        self.parts: list[Part] = []
+        self.texts = 0
+        self._texts: list[str] = []
+        self._keys: list[str] = []
+
+    def add(self, texts: list[str], keys: list[str]) -> None:
+        self._texts += texts
+        self._keys += keys
+        self.texts += len(texts)
+        while len(self._texts) >= LINE_INPUTS:
+            self._write(LINE_INPUTS)
+
+    def _write(self, count: int) -> None:
+        texts, keys = self._texts[:count], self._keys[:count]
+        del self._texts[:count], self._keys[:count]
+        for chunk in chunk_by_limits(texts, LINE_INPUTS, LINE_TOKENS):
+            body: dict[str, Any] = {"model": self.model, "input": [texts[i] for i in chunk],
+                                    "encoding_format": "base64"}
+            if self.dims is not None:
+                body["dimensions"] = self.dims
+            tail = json.dumps({"method": "POST", "url": "/v1/embeddings", "body": body}, separators=(",", ":")).encode()
+            part = self.parts[-1] if self.parts else None
+            if part is None or len(part.holds) >= MAX_LINES or part.inputs + len(chunk) > MAX_INPUTS or \
+                    (part.holds and part.size + len(tail) + 64 > MAX_FILE_BYTES):  # full: the line opens the next
+                part = self._part()
+            custom_id = f"{self.prefix}-{len(self.parts)}-{len(part.holds) + 1}"
+            row = b'{"custom_id":"' + custom_id.encode() + b'",' + tail[1:] + b"\n"
+            part.handle.write(row)
+            part.holds[custom_id] = [keys[i] for i in chunk]
+            part.inputs += len(chunk)
+            part.size += len(row)
+
+    def _part(self) -> Part:
+        path = self.directory / f"part-{len(self.parts)}.jsonl"
+        self.parts.append(Part(path, open(path, "wb")))
+        return self.parts[-1]
+
+    def close(self) -> list[Part]:
+        """The files, complete and closed."""
+        if self._texts:
+            self._write(len(self._texts))
+        for part in self.parts:
+            part.handle.close()
+        return self.parts
 
 
 def say(message: str) -> None:

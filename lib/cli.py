@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections import deque
-from itertools import islice
 from collections.abc import Sequence
 from contextlib import ExitStack
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -192,9 +191,9 @@ def embed(args: argparse.Namespace) -> int:
     src = open_source(args.input, field=args.field, id_field=args.id_field)
     try:
         started = time.monotonic()
-        census = validate(src, max_chars)  # every line checked before the first request
         if args.batch_api:
-            return batch_api(args, embedder, src, census, started)
+            return batch_api(args, embedder, src, max_chars, started)
+        census = validate(src, max_chars)  # every line checked before the first request
         out = open_output(args.out, census.texts) if args.out else None
         one_pass = census.distinct == census.texts or not persistent
         progress = Progress(census.texts if one_pass else census.distinct, sys.stderr)
@@ -271,9 +270,10 @@ PENDING = 75  # EX_TEMPFAIL: batches were submitted or are still running; run th
 MAX_ROUNDS = 3  # submissions one --wait run makes before it leaves the rest to a later run
 
 
-def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census, started: float) -> int:
-    """Submit what the cache lacks to OpenAI's Batch API, collect what finished, and write the output once every
+def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int, started: float) -> int:
+    """Collect what finished, submit what the cache lacks to OpenAI's Batch API, and write the output once every
     text is cached (`lib/batch.py`). Exit 0 when written, PENDING when batches are out, as for `embed` otherwise."""
+    import tempfile
     from pathlib import Path
 
     from . import batch as bt
@@ -296,28 +296,34 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census,
                "collecting them instead of paying again")
     run.create_uploaded()
     tally = bt.Tally()
+    census: Census | None = None
     rounds = 0
     while True:
         run.collect(tally)
         pending = sum(not b.get("collected") for b in state.batches)
         if args.sync_rest and not pending:
             break  # the writing pass pays what is still missing, through the ordinary endpoint
-        lacking = bt.Lacking()
-        stream = bt.missing(embedder, src, census, spec, dims, state.in_flight(), lacking)
-        count = made = 0
         if args.sync_rest and not args.wait:  # pay now what no batch holds; the batches still running stay theirs
-            while chunk := [t for t, _ in islice(stream, args.batch_size)]:
-                embedder.embed(chunk, model=spec.id, dimensions=args.dimensions)
-                count += len(chunk)
+            census = census or validate(src, max_chars)  # every line checked before anything is paid
+            payer = _Payer(embedder, spec.id, args)
+            bt.Lacking(embedder.service, spec, dims, state.in_flight(), payer.add).read(src, census)
+            payer.flush()
             _batch_report(tally)
-            print(f"paid {count} texts through the endpoint now; pending: {pending} batch(es) running; run the "
+            print(f"paid {payer.paid} texts through the endpoint now; pending: {pending} batch(es) running; run the "
                   "same command again to collect them and write the output", file=sys.stderr)
             return PENDING
-        if args.sync_rest or (args.wait and rounds >= MAX_ROUNDS):
-            for _ in stream:  # counted, not submitted: --sync-rest pays them once the batches end
-                pass
-        else:
-            count, made = run.submit(stream)
+        count = made = 0
+        with tempfile.TemporaryDirectory(prefix="embed-batch-") as scratch:
+            spool = bt.Spool(scratch, job, spec.id, dims, len(state.batches) + len(state.uploaded))
+            submitting = not args.sync_rest and not (args.wait and rounds >= MAX_ROUNDS)  # else counted only
+            lacking = bt.Lacking(embedder.service, spec, dims, state.in_flight(), spool.add if submitting else None)
+            if census is None:  # the census itself finds what the cache lacks, as it reads: one pass over the input
+                census = validate(src, max_chars, lacking.add)
+                lacking.flush()
+            else:
+                lacking.read(src, census)
+            if spool.texts:
+                made, count = run.send(spool), spool.texts
         if count:
             rounds += 1
             bt.say(f"submitted {count} texts (the distinct texts the cache lacked) in {made} batch file(s); "
@@ -338,6 +344,7 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census,
         bt.say(f"waiting: {pending} batch(es) running, {lacking.count} distinct texts to come, {tally.stored} "
                "collected")
         bt.poll_wait()
+    census = census or validate(src, max_chars)
     _batch_report(tally)
     # Every text is cached now (or --sync-rest pays what is not): the synchronous command writes the output, all hits.
     out = open_output(args.out, census.texts) if args.out else None
@@ -355,6 +362,30 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, census: Census,
     print(f"stopped: {summary}", file=sys.stderr)
     print(f"error: {_describe(outcome) if isinstance(outcome, EmbeddingError) else 'interrupted'}", file=sys.stderr)
     return 130 if isinstance(outcome, KeyboardInterrupt) else 1
+
+
+class _Payer:
+    """--sync-rest without --wait: the texts no batch holds, paid through the ordinary door now, a batch at a time."""
+
+    def __init__(self, embedder: Any, model: str, args: argparse.Namespace) -> None:
+        self.embedder, self.model, self.args = embedder, model, args
+        self.paid = 0
+        self._held: list[str] = []
+
+    def add(self, texts: list[str], keys: list[str]) -> None:
+        self._held += texts
+        while len(self._held) >= self.args.batch_size:
+            self._pay(self.args.batch_size)
+
+    def flush(self) -> None:
+        self._pay(len(self._held))
+
+    def _pay(self, count: int) -> None:
+        texts = self._held[:count]
+        del self._held[:count]
+        if texts:
+            self.embedder.embed(texts, model=self.model, dimensions=self.args.dimensions)
+            self.paid += len(texts)
 
 
 def _batch_report(tally: Any) -> None:

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +144,13 @@ class Census:
 SEEN_IN_MEMORY = 100_000  # distinct texts counted in a set (about 10 MB); past that, in a temporary SQLite file
 
 
-def validate(src: Source, max_chars: int) -> Census:
+def validate(src: Source, max_chars: int, first: Callable[[str], None] | None = None) -> Census:
     """Check every text before anything is sent, and count texts and distinct texts (in memory up to
-    `SEEN_IN_MEMORY` distinct texts; on disk beyond, so that memory stays flat)."""
+    `SEEN_IN_MEMORY` distinct texts; on disk beyond, so that memory stays flat). `first` is handed each
+    distinct text as it is first met, for work that may start before the census ends (nothing paid: the
+    Batch API path finds what the cache lacks in the same pass)."""
     count = distinct = 0
-    first = bytearray()
+    firsts = bytearray()
     seen: set[bytes] | None = set()
     with ExitStack() as scratch:  # a temporary directory only if the count spills (most corpora never do)
         db: sqlite3.Connection | None = None
@@ -159,7 +161,7 @@ def validate(src: Source, max_chars: int) -> Census:
                 raise CorpusError(f"{src.name}:{number}: the text has {len(text)} characters; at most {max_chars} "
                                   "are allowed (EMBEDDINGS_MAX_INPUT_CHARS)")
             if count & 7 == 0:
-                first.append(0)
+                firsts.append(0)
             digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
             if seen is not None:
                 new = digest not in seen
@@ -175,15 +177,17 @@ def validate(src: Source, max_chars: int) -> Census:
                 assert db is not None
                 new = db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (digest,)).rowcount == 1
             if new:  # not seen before: its first occurrence
-                first[count >> 3] |= 1 << (count & 7)
+                firsts[count >> 3] |= 1 << (count & 7)
                 distinct += 1
+                if first is not None:
+                    first(text)
             count += 1
         if db is not None:
             db.execute("COMMIT")
             db.close()
     if count == 0:
         raise CorpusError(f"{src.name}: no texts")
-    return Census(count, distinct, first)
+    return Census(count, distinct, firsts)
 
 
 def _spill(path: str, seen: set[bytes]) -> sqlite3.Connection:

@@ -144,18 +144,25 @@ def _answer_validator() -> Any:
 
 
 def _parse(answer: Answer, count: int) -> Batch:
+    raw, answer.body = answer.body, b""  # ours alone now: let go of it as soon as it is parsed
+    return parse_body(raw, count)
+
+
+def parse_body(body: bytes | bytearray | dict[str, Any], count: int) -> Batch:
+    """An embeddings response body for `count` inputs, read strictly: raw JSON (an HTTP answer), or already parsed
+    (a Batch API output line holds the body inside its own JSON). ProviderError if anything is off."""
     from pydantic_core import ValidationError
 
-    raw, answer.body = answer.body, b""  # ours alone now: let go of it as soon as it is parsed
+    validator = _answer_validator()
     try:
-        parsed = _answer_validator().validate_json(raw)
+        parsed = validator.validate_python(body) if isinstance(body, dict) else validator.validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         if first.get("type") == "value_error" or "embedding" in first.get("loc", ()):
             raise _malformed("a vector is neither base64 float32 nor a list of numbers") from None
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise _malformed(f"{where}: {first.get('type', 'invalid')}") from None
-    del raw
+    del body
     data = parsed["data"]
     indexes = sorted(d["index"] for d in data)
     if indexes != list(range(count)):
