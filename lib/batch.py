@@ -43,6 +43,9 @@ from .providers.base import chunk_by_limits
 
 MAX_LINES = 50_000
 MAX_INPUTS = 50_000  # per file (the Batch API's limit for an embeddings batch)
+# Inputs per file: EMBEDDINGS_BATCH_FILE_INPUTS makes files smaller (batches that end sooner, and stay under an
+# organisation's limit on tokens enqueued at once).
+FILE_INPUTS = min(MAX_INPUTS, int(os.environ.get("EMBEDDINGS_BATCH_FILE_INPUTS") or MAX_INPUTS))
 MAX_FILE_BYTES = 200 * 1024 * 1024
 # Inputs per request line: 2048 at most (the endpoint's limit); EMBEDDINGS_BATCH_LINE_INPUTS makes lines smaller.
 LINE_INPUTS = min(2048, int(os.environ.get("EMBEDDINGS_BATCH_LINE_INPUTS") or 2048))
@@ -59,8 +62,11 @@ class BatchClient:
     def __init__(self, base_url: str, api_key: str) -> None:
         import httpx
 
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"},
-                                    timeout=httpx.Timeout(120.0, connect=10.0))
+        from .providers.http import client_for
+
+        self._client = client_for(base_url, base_url=base_url.rstrip("/"),
+                                  headers={"Authorization": f"Bearer {api_key}"},
+                                  timeout=httpx.Timeout(120.0, connect=10.0))
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
@@ -381,7 +387,7 @@ class Part:
 
 class Spool:
     """Batch input files, written to a temporary directory as the lacking texts arrive (`add`): request lines of at
-    most LINE_INPUTS inputs and LINE_TOKENS tokens, files of at most MAX_LINES lines, MAX_INPUTS inputs and
+    most LINE_INPUTS inputs and LINE_TOKENS tokens, files of at most MAX_LINES lines, FILE_INPUTS inputs and
     MAX_FILE_BYTES. Memory holds one line's texts; the files are uploaded from disk, and removed with the spool.
     Nothing is sent while it is written: the census that feeds it can still stop at a bad line."""
 
@@ -411,7 +417,7 @@ class Spool:
                 body["dimensions"] = self.dims
             tail = json.dumps({"method": "POST", "url": "/v1/embeddings", "body": body}, separators=(",", ":")).encode()
             part = self.parts[-1] if self.parts else None
-            if part is None or len(part.holds) >= MAX_LINES or part.inputs + len(chunk) > MAX_INPUTS or \
+            if part is None or len(part.holds) >= MAX_LINES or part.inputs + len(chunk) > FILE_INPUTS or \
                     (part.holds and part.size + len(tail) + 64 > MAX_FILE_BYTES):  # full: the line opens the next
                 part = self._part()
             custom_id = f"{self.prefix}-{len(self.parts)}-{len(part.holds) + 1}"

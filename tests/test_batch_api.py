@@ -172,3 +172,62 @@ def test_what_the_batch_path_refuses_says_why(batches, tmp_path, extra, args, sa
     run = embed(["in.txt", "--batch-api", *args], env, tmp_path)
     assert run.returncode == 2 and says in run.stderr, run.stderr
     assert not batches.requests
+
+
+def test_a_bad_line_stops_the_census_before_anything_is_uploaded(batches, tmp_path):
+    """The census that finds what the cache lacks writes the batch files as it reads, but sends nothing until every
+    line has passed: a bad last line leaves no upload, no batch, no state and no spool behind."""
+    (tmp_path / "in.txt").write_text("".join(f"text {i}\n" for i in range(50)) + "   \n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = embed(["in.txt", "--batch-api"], env_for(batches, tmp_path, TMPDIR=str(scratch)), tmp_path)
+    assert run.returncode == 2 and "in.txt:51: empty text" in run.stderr, run.stderr
+    assert [r for r in batches.requests if r[0] == "POST"] == [] and not batches.files
+    assert not (tmp_path / "in.txt.batch.json").exists() and list(scratch.iterdir()) == []
+
+
+def test_files_split_at_their_limits_and_each_lacking_text_is_sent_once(batches, tmp_path):
+    """6,000 distinct texts in 9,000 lines (looked up 4,096 at a time), every third of them cached already: the rest
+    go out once each, in files of at most EMBEDDINGS_BATCH_FILE_INPUTS inputs, and come back in input order."""
+    texts = [f"corpus text {i % 6000}" for i in range(9000)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    env = env_for(batches, tmp_path, EMBEDDINGS_BATCH_LINE_INPUTS="50", EMBEDDINGS_BATCH_FILE_INPUTS="1000")
+    cached_first = [f"corpus text {i}" for i in range(0, 6000, 3)]
+    (tmp_path / "some.txt").write_text("\n".join(cached_first) + "\n")
+    assert embed(["some.txt"], env, tmp_path).returncode == 0
+
+    first = embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path)
+    assert first.returncode == 75, first.stderr
+    lacking = set(texts) - set(cached_first)
+    sent = batches.submitted_inputs()
+    assert len(sent) == len(lacking) == 4000 and set(sent) == lacking
+    inputs = [sum(len(line["body"]["input"]) for line in f["lines"]) for f in batches.files.values()]
+    assert inputs == [1000, 1000, 1000, 1000] and len(batches.batches) == 4
+    assert all(len(line["body"]["input"]) <= 50 for f in batches.files.values() for line in f["lines"])
+    ids = [line["custom_id"] for f in batches.files.values() for line in f["lines"]]
+    assert len(ids) == len(set(ids))  # unique across the job's files, not only within each
+
+    batches.instant = True
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0 and "collected 4000 vectors" in done.stderr, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert len(batches.submitted_inputs()) == 4000 and len(batches.sync_inputs) == 2000  # nothing paid twice
+
+
+def test_a_file_full_in_bytes_starts_the_next(tmp_path, monkeypatch):
+    """The 200 MB bound, scaled down: a line that would overflow its file opens the next one, and every file keeps
+    whole lines and the keys of each."""
+    from lib import batch as bt
+
+    monkeypatch.setattr(bt, "MAX_FILE_BYTES", 3000)
+    monkeypatch.setattr(bt, "LINE_INPUTS", 10)
+    spool = bt.Spool(str(tmp_path), "j" * 24, MODEL, None, 0)
+    texts = [f"text number {i:03d} " + "x" * 50 for i in range(100)]
+    spool.add(texts[:37], [f"k{i}" for i in range(37)])
+    spool.add(texts[37:], [f"k{i}" for i in range(37, 100)])
+    parts = spool.close()
+    assert len(parts) > 1 and all(p.path.stat().st_size <= 3000 for p in parts)
+    lines = [json.loads(x) for p in parts for x in p.path.read_bytes().splitlines()]
+    assert [t for line in lines for t in line["body"]["input"]] == texts
+    holds = {k: v for p in parts for k, v in p.holds.items()}
+    assert [k for line in lines for k in holds[line["custom_id"]]] == [f"k{i}" for i in range(100)]

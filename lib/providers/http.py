@@ -18,6 +18,20 @@ from ..deadline import collect, run_within
 from ..errors import ProviderError
 
 
+def client_for(upstream: str, **kwargs: Any) -> Any:
+    """An httpx client for one upstream. A plain-HTTP one (a local inference server, a proxy on localhost) never
+    makes a TLS connection: its client does not load the system's CA certificates (about 40 ms a process)."""
+    import httpx
+
+    verify: Any = True
+    if upstream.lower().startswith("http://"):
+        import ssl
+
+        # Verifying, trusting no CA at all: should TLS ever be attempted, it fails closed.
+        verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return httpx.Client(verify=verify, **kwargs)
+
+
 @dataclass
 class Answer:
     status: int
@@ -45,9 +59,7 @@ class HTTPClient:
     def __init__(self, headers: Mapping[str, str], base_url: str, max_calls: int = 0) -> None:
         self._headers = dict(headers)
         self._max_calls = max_calls or 16
-        # A plain-HTTP upstream (a local inference server, a proxy on localhost) never makes a TLS connection:
-        # its client does not load the system's CA certificates (about 40 ms on the first miss).
-        self._plain = base_url.lower().startswith("http://")
+        self._base_url = base_url
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -56,14 +68,8 @@ class HTTPClient:
             if self._client is None:
                 import httpx
 
-                verify: Any = True
-                if self._plain:
-                    import ssl
-
-                    # Verifying, trusting no CA at all: should TLS ever be attempted, it fails closed.
-                    verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                self._client = httpx.Client(
-                    headers=self._headers, verify=verify,
+                self._client = client_for(
+                    self._base_url, headers=self._headers,
                     limits=httpx.Limits(max_connections=self._max_calls,
                                         max_keepalive_connections=min(8, self._max_calls)),
                 )
