@@ -254,12 +254,9 @@ class BatchRun:
     # -- collect ---------------------------------------------------------------------------------------------
 
     def collect(self, tally: Tally) -> None:
-        """Read every finished batch not yet collected into the cache, adding what was found to `tally`."""
-        from .errors import ProviderError
-        from .providers.openai import parse_body
-
-        held_keys: list[str] = []
-        held: list[bytes] = []
+        """Read every finished batch not yet collected into the cache, adding what was found to `tally`. A batch
+        is marked collected only once all its vectors are stored: a cache that fails stops the run, and the next
+        run reads the same output file again (nothing paid is lost)."""
         for entry in self.state.batches:
             if entry.get("collected"):
                 continue
@@ -267,48 +264,59 @@ class BatchRun:
             entry["status"] = batch["status"]
             if batch["status"] not in TERMINAL:
                 continue
-            if batch.get("error_file_id"):
-                for raw in self.client.lines(batch["error_file_id"]):
-                    tally.reason(_failure(orjson.loads(raw)))
-            if batch.get("output_file_id"):
-                for raw in self.client.lines(batch["output_file_id"]):
-                    line = orjson.loads(raw)
-                    keys = entry["lines"].get(line.get("custom_id"))
-                    if keys is None:
-                        tally.stray += 1
-                        continue
-                    response = line.get("response") or {}
-                    if response.get("status_code") != 200 or line.get("error"):
-                        tally.reason(_failure(line))
-                        continue
-                    try:
-                        body = response.get("body")
-                        if not isinstance(body, dict):
-                            raise ProviderError(502, "an output line without a response body")
-                        parsed = parse_body(body, len(keys))  # the provider's own strict reading
-                        vectors = self.service.validated(parsed.vectors, len(keys), self.spec, self.dims)
-                    except ProviderError:
-                        tally.rejected += 1
-                        continue
-                    held_keys += keys
-                    held += vectors
-                    if len(held) >= STORE_ROWS:
-                        self._store(held_keys, held, tally)
-                        held_keys, held = [], []
-                    tally.tokens += parsed.tokens
-            self._store(held_keys, held, tally)
-            held_keys, held = [], []
+            self._collect_one(entry, batch, tally)
             if batch["status"] != "completed":
                 tally.reason(f"batch {batch['status']}")
             entry["collected"] = True
             self.state.save()
 
-    def _store(self, keys: list[str], vectors: list[bytes], tally: Tally) -> None:
-        """Validated vectors into every cache tier, many lines at a time: one SQLite transaction for thousands of
-        rows, not one per output line."""
-        if keys:
-            self.service.store(keys, vectors, self.spec, self.dims, checked=True)  # each line validated as read
-            tally.stored += len(keys)
+    def _collect_one(self, entry: dict[str, Any], batch: dict[str, Any], tally: Tally) -> None:
+        from .errors import ProviderError
+        from .providers.openai import parse_body
+
+        if batch.get("error_file_id"):
+            for raw in self.client.lines(batch["error_file_id"]):
+                tally.reason(_failure(orjson.loads(raw)))
+        held_keys: list[str] = []
+        held: list[bytes] = []
+        for raw in self.client.lines(batch["output_file_id"]) if batch.get("output_file_id") else ():
+            line = orjson.loads(raw)
+            keys = entry["lines"].get(line.get("custom_id"))
+            if keys is None:
+                tally.stray += 1
+                continue
+            response = line.get("response") or {}
+            if response.get("status_code") != 200 or line.get("error"):
+                tally.reason(_failure(line))
+                continue
+            try:
+                body = response.get("body")
+                if not isinstance(body, dict):
+                    raise ProviderError(502, "an output line without a response body")
+                parsed = parse_body(body, len(keys))  # the provider's own strict reading
+                vectors = self.service.validated(parsed.vectors, len(keys), self.spec, self.dims)
+            except ProviderError:
+                tally.rejected += 1
+                continue
+            held_keys += keys
+            held += vectors
+            tally.tokens += parsed.tokens
+            if len(held) >= STORE_ROWS:
+                tally.stored += self._store(held_keys, held)
+                held_keys, held = [], []
+        tally.stored += self._store(held_keys, held)
+
+    def _store(self, keys: list[str], vectors: list[bytes]) -> int:
+        """Validated vectors into every cache tier, many lines at a time (one SQLite transaction for thousands of
+        rows, not one per output line). A tier that fails stops the run: these vectors are paid for."""
+        if not keys:
+            return 0
+        failed = self.service.store(keys, vectors, self.spec, self.dims, checked=True)  # validated as read
+        if failed:
+            raise EmbeddingError(503, f"could not write collected vectors to the cache ({', '.join(failed)}); "
+                                 "nothing is lost: the batch stays uncollected, and the same command again reads "
+                                 "its results again", code="cache_write_failed")
+        return len(keys)
 
     # -- submit ---------------------------------------------------------------------------------------------
 

@@ -231,3 +231,27 @@ def test_a_file_full_in_bytes_starts_the_next(tmp_path, monkeypatch):
     assert [t for line in lines for t in line["body"]["input"]] == texts
     holds = {k: v for p in parts for k, v in p.holds.items()}
     assert [k for line in lines for k in holds[line["custom_id"]]] == [f"k{i}" for i in range(100)]
+
+
+def test_a_cache_that_fails_while_collecting_loses_nothing_paid(batches, tmp_path):
+    """The cache refuses the collected vectors (another writer holds SQLite's lock): the run stops and says so, the
+    batch stays uncollected, and the next run reads the same results again, submitting and paying nothing more."""
+    texts = corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    assert embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path).returncode == 75
+    batches.instant = True
+    holder = sqlite3.connect(tmp_path / "cache.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        stopped = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert stopped.returncode == 1 and "could not write collected vectors to the cache (sqlite)" in stopped.stderr, \
+        stopped.stderr
+    state = json.loads((tmp_path / "out.npy.batch.json").read_text())
+    assert [b["collected"] for b in state["batches"]] == [False] and not (tmp_path / "out.npy").exists()
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 20 and batches.sync_inputs == []
