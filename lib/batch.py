@@ -1,20 +1,23 @@
 """`python -m lib embed FILE --batch-api`: backfills through OpenAI's Batch API, at half the price, cache-aware.
 
 One pipeline with the synchronous command: the same census of the input (`lib.corpus`), the same cache keys, the
-same validation of every vector and the same cache writes (`EmbeddingService.keys`, `.cached`, `.store`). What this
-module adds is the Batch API client and its state:
+same validation of every vector and the same cache writes (`EmbeddingService.keys`, `.cached`, `.validated`,
+`.store`). What this module adds is the Batch API client and its state:
 
-1. **Submit**: the distinct texts the cache lacks (and no batch in flight already holds) are uploaded as batch input
-   files (`purpose=batch`; lines of `{"custom_id", "method": "POST", "url": "/v1/embeddings", "body"}`; at most
-   50,000 requests, 50,000 inputs and 200 MB a file; at most 2048 inputs and about 300,000 tokens a line), and a
-   batch is created for each (`completion_window: "24h"`). The state file beside the output records, before each
-   step, what was uploaded and created, and which cache keys each line holds: never a text, never a secret.
-2. **Collect** (the same command again, or `--wait`): each finished batch's output and error files are read; lines
-   are matched by `custom_id` (output order is not guaranteed), every answer is validated as the service validates a
-   provider's (strictly parsed, count, length, finiteness, dimensions) and stored under the same keys. A batch that
-   expired, failed or was cancelled still gives the lines it completed (they are billed); failed lines are counted
-   by reason; what is still missing is submitted again on the next run (or, with `--sync-rest`, paid through the
-   ordinary endpoint now).
+1. **Collect** (first, on every run): each finished batch's output and error files are read as they stream in;
+   lines are matched by `custom_id` (output order is not guaranteed), every answer is read by the OpenAI
+   provider's own strict parser and validated as the service validates a provider's (count, length, finiteness,
+   dimensions) and stored under the same keys. A batch that expired, failed or was cancelled still gives the lines
+   it completed (they are billed); failed lines are counted by reason. A batch is marked collected only once its
+   vectors are stored: a cache that fails stops the run, and the next one reads the same results again.
+2. **Submit**: the census itself finds the distinct texts the cache lacks as it reads (`Lacking`, fed each first
+   occurrence), and those no batch in flight holds are written as batch input files to a spool on disk (`Spool`;
+   `purpose=batch` lines of `{"custom_id", "method": "POST", "url": "/v1/embeddings", "body"}`; at most 50,000
+   requests, 50,000 inputs and 200 MB a file; at most 2048 inputs and about 300,000 tokens a line). One pass over
+   the input, memory flat however long it is, and nothing sent until every line has passed. Then each file is
+   uploaded (streamed from disk) and its batch created (`completion_window: "24h"`). The state file beside the
+   output records, before each step, what was uploaded and created and which cache keys each line holds: never a
+   text, never a secret.
 3. **Write**: once every text is cached, the output is written exactly as the synchronous command writes it (a pass
    that is all cache hits). A run after that pays nothing and submits nothing.
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..deadline import Deadline
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """One vector to store. A named tuple: a corpus run or a collected batch makes 50,000 at a time, and a tuple
+    is made in half the time of a frozen dataclass."""
+
     key: str
     model: str
     dimensions: int  # the length of the vector, in float32 values
