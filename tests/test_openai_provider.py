@@ -239,3 +239,36 @@ def test_max_provider_calls_bounds_the_requests_in_flight_across_threads(fake_op
     assert got == {n: fake_openai.expected("text-embedding-3-small", f"in flight {n}").tobytes() for n in range(6)}
     arrivals = [r["at"] for r in fake_openai.requests]
     assert max(sum(a <= t < a + 0.3 for a in arrivals) for t in arrivals) == expected  # each lasts 0.3 s at least
+
+
+def _chunks_one_by_one(items, max_items, max_tokens):
+    """The rule, input by input: a chunk closes when the next input would pass either limit."""
+    from lib.providers.base import estimate_tokens
+
+    chunks, current, tokens = [], [], 0
+    for i, item in enumerate(items):
+        cost = estimate_tokens(item)
+        if current and (len(current) >= max_items or tokens + cost > max_tokens):
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += cost
+    return chunks + ([current] if current else [])
+
+
+def test_requests_are_split_by_the_input_and_token_limits():
+    """Every input in one request when the limits allow, in order, else split exactly where the rule says (the
+    one-chunk shortcut bounds tokens by 2 per character, never under the estimate)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lib.providers.base import chunk_by_limits
+
+    item = st.one_of(st.text(max_size=40), st.lists(st.integers(0, 50_000), max_size=40))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(item, max_size=30), st.integers(1, 12), st.integers(1, 200))
+    def check(items, max_items, max_tokens):
+        assert chunk_by_limits(items, max_items, max_tokens) == _chunks_one_by_one(items, max_items, max_tokens)
+
+    check()

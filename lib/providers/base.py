@@ -49,6 +49,10 @@ def estimate_tokens(item: Item) -> int:
 
 
 def chunk_by_limits(items: Sequence[Item], max_items: int, max_tokens: int) -> list[list[int]]:
+    # At most 2 tokens a character (a text's UTF-8 bytes / 2 + 1; a token list's length): when even that bound
+    # fits, there is one chunk, found with one pass in C instead of an estimate per input.
+    if len(items) <= max_items and 2 * sum(map(len, items)) + len(items) <= max_tokens:
+        return [list(range(len(items)))] if items else []
     chunks: list[list[int]] = []
     current: list[int] = []
     tokens = 0
