@@ -255,3 +255,28 @@ def test_a_cache_that_fails_while_collecting_loses_nothing_paid(batches, tmp_pat
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
     assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 20 and batches.sync_inputs == []
+
+
+def test_sync_rest_without_wait_pays_now_only_what_no_running_batch_holds(batches, tmp_path):
+    """Two batches: the first cancelled before answering anything, the second still running. --sync-rest pays the
+    first one's texts through the ordinary endpoint now and leaves the second's to its batch."""
+    texts = corpus(tmp_path, distinct=8, lines=8)
+    env = env_for(batches, tmp_path, EMBEDDINGS_BATCH_FILE_INPUTS="4")
+    assert embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path).returncode == 75
+    first, _ = list(batches.batches)
+    batches.steps_per_status = 1000  # the second stays in progress
+    batches.end_as, batches.complete_lines = "cancelled", 0
+    with batches.lock:
+        batches.finish(batches.batches[first])
+    batches.end_as, batches.complete_lines = "completed", None
+    now = embed(["in.txt", "--batch-api", "--out", "out.npy", "--sync-rest"], env, tmp_path)
+    assert now.returncode == 75, now.stderr
+    assert "paid 4 texts through the endpoint now; pending: 1 batch(es) running" in now.stderr
+    in_first = [t for line in batches.files[batches.batches[first]["input_file_id"]]["lines"]
+                for t in line["body"]["input"]]
+    assert sorted(batches.sync_inputs) == sorted(in_first)
+    batches.instant = True
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert sorted(batches.sync_inputs) == sorted(in_first) and len(batches.submitted_inputs()) == 8
