@@ -368,7 +368,11 @@ class Lacking:
         if not held:
             return
         keys = self.service.keys(held, self.spec, self.dims)
-        found = self.service.cached(keys, self.spec, self.dims)
+        found, failed = self.service.cached(keys, self.spec, self.dims)
+        if failed:  # what it holds is unknown: submitting now could pay again for texts it has
+            raise EmbeddingError(503, f"could not look up the cache ({', '.join(failed)}), so what it lacks is "
+                                 "unknown; nothing was submitted: run the same command again once it answers",
+                                 code="cache_unavailable")
         lacking = [i for i, key in enumerate(keys) if key not in found]
         self.count += len(lacking)
         if self.sink is not None:

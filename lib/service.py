@@ -88,11 +88,11 @@ class EmbeddingService:
         make_key = key_function(model.id, dimensions, self.provider.key_options(model))
         return [make_key(item) for item in items]
 
-    def cached(self, keys: list[str], model: ModelSpec, dimensions: int | None) -> dict[str, bytes]:
-        """Which of `keys` every tier together holds (valid vectors only)."""
-        found, _ = self._lookup(list(dict.fromkeys(keys)), model.id, dimensions or model.dimensions,
-                                Deadline(self.timeout_s))
-        return found
+    def cached(self, keys: list[str], model: ModelSpec, dimensions: int | None) -> tuple[dict[str, bytes], list[str]]:
+        """Which of `keys` every tier together holds (valid vectors only), and the tiers that could not be asked (a
+        caller about to pay for what is not found must not take their silence for a miss)."""
+        return self._lookup(list(dict.fromkeys(keys)), model.id, dimensions or model.dimensions,
+                            Deadline(self.timeout_s))
 
     def validated(self, vectors: list[bytes], count: int, model: ModelSpec, dimensions: int | None) -> list[bytes]:
         """Vectors paid for elsewhere, checked as a provider's answer is (count, length, finiteness, the dimensions

@@ -280,3 +280,14 @@ def test_sync_rest_without_wait_pays_now_only_what_no_running_batch_holds(batche
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
     assert sorted(batches.sync_inputs) == sorted(in_first) and len(batches.submitted_inputs()) == 8
+
+
+def test_a_cache_that_cannot_be_read_submits_nothing(batches, tmp_path):
+    """What the cache holds is unknown when it cannot be read: submitting everything would pay again for what it
+    has, so the run stops, says why, and sends nothing."""
+    corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    (tmp_path / "cache.sqlite3").write_bytes(b"this is not an SQLite database, " * 256)
+    run = embed(["in.txt", "--batch-api"], env, tmp_path)
+    assert run.returncode == 1 and "could not look up the cache (sqlite)" in run.stderr, run.stderr
+    assert [r for r in batches.requests if r[0] == "POST"] == [] and not batches.files
