@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -149,13 +150,16 @@ class BatchClient:
 
 @dataclass
 class State:
-    """What this job submitted, written beside the output before each step (atomically)."""
+    """What this job submitted, written beside the output before each step (atomically). The keys that an input
+    file's lines hold are written once, to a file of their own beside it (`<state>.keys/`), and removed when its
+    batch is collected: the state itself stays small, so saving it after every step costs as little for the
+    hundredth file as for the first (it used to list every key in flight, and grew with each file it saved)."""
 
     path: Path
     job: str
     model: str
     dimensions: int | None
-    batches: list[dict[str, Any]] = field(default_factory=list)  # batch_id, input_file_id, status, lines, collected
+    batches: list[dict[str, Any]] = field(default_factory=list)  # batch_id, input_file_id, status, keys, collected
     uploaded: list[dict[str, Any]] = field(default_factory=list)  # input files uploaded whose batch is not yet made
 
     @classmethod
@@ -170,18 +174,45 @@ class State:
 
     def save(self) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
-        # orjson: the state lists every key in flight (50,000 a file), and json.dumps took 20 ms a save
-        partial.write_bytes(orjson.dumps({"version": 1, "job": self.job, "model": self.model,
+        partial.write_bytes(orjson.dumps({"version": 2, "job": self.job, "model": self.model,
                                           "dimensions": self.dimensions, "batches": self.batches,
                                           "uploaded": self.uploaded}))
         os.replace(partial, self.path)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".keys")
+
+    def record(self, file_id: str, lines: dict[str, list[str]]) -> dict[str, Any]:
+        """Write which keys each line of an uploaded file holds; the entry that refers to them."""
+        self.keys_dir.mkdir(exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", file_id) + ".json"
+        partial = self.keys_dir / (name + ".partial")
+        partial.write_bytes(orjson.dumps(lines))
+        os.replace(partial, self.keys_dir / name)
+        return {"input_file_id": file_id, "keys": name}
+
+    def lines(self, entry: dict[str, Any]) -> dict[str, list[str]]:
+        """custom_id -> the keys of that line's inputs, in order."""
+        if "lines" in entry:  # a state written before the keys had files of their own
+            return entry["lines"]  # type: ignore[no-any-return]
+        return orjson.loads((self.keys_dir / entry["keys"]).read_bytes())  # type: ignore[no-any-return]
+
+    def collected(self, entry: dict[str, Any]) -> None:
+        """Mark a batch collected (saved first), then let its keys go."""
+        entry["collected"] = True
+        name = entry.pop("keys", None)
+        entry.pop("lines", None)
+        self.save()
+        if name:
+            (self.keys_dir / name).unlink(missing_ok=True)
 
     def in_flight(self) -> set[str]:
         """Keys held by batches not yet collected (and files uploaded, not yet made batches)."""
         keys: set[str] = set()
         for entry in [*self.batches, *self.uploaded]:
             if not entry.get("collected"):
-                for ks in entry["lines"].values():
+                for ks in self.lines(entry).values():
                     keys.update(ks)
         return keys
 
@@ -226,10 +257,10 @@ class BatchRun:
             meta = batch.get("metadata") or {}
             if meta.get("embeddings_cache_job") != self.state.job or batch["id"] in known:
                 continue
-            lines = self._keys_of(batch["input_file_id"])
+            entry = self.state.record(batch["input_file_id"], self._keys_of(batch["input_file_id"]))
             self.state.uploaded = [u for u in self.state.uploaded if u["input_file_id"] != batch["input_file_id"]]
-            self.state.batches.append({"batch_id": batch["id"], "input_file_id": batch["input_file_id"],
-                                       "status": batch["status"], "lines": lines, "collected": False})
+            self.state.batches.append({"batch_id": batch["id"], "status": batch["status"], **entry,
+                                       "collected": False})
             adopted += 1
         if adopted:
             self.state.save()
@@ -246,8 +277,8 @@ class BatchRun:
         """Files uploaded by a run that stopped before creating their batch: their batch now (none was billed)."""
         for entry in list(self.state.uploaded):
             batch = self.client.create(entry["input_file_id"], self._metadata())
-            self.state.batches.append({"batch_id": batch["id"], "input_file_id": entry["input_file_id"],
-                                       "status": batch["status"], "lines": entry["lines"], "collected": False})
+            self.state.batches.append({"batch_id": batch["id"], "status": batch["status"], **entry,
+                                       "collected": False})
             self.state.uploaded.remove(entry)
             self.state.save()
 
@@ -267,13 +298,12 @@ class BatchRun:
             entry["status"] = batch["status"]
             if batch["status"] not in TERMINAL:
                 continue
-            self._collect_one(entry, batch, tally)
+            self._collect_one(self.state.lines(entry), batch, tally)
             if batch["status"] != "completed":
                 tally.reason(f"batch {batch['status']}")
-            entry["collected"] = True
-            self.state.save()
+            self.state.collected(entry)
 
-    def _collect_one(self, entry: dict[str, Any], batch: dict[str, Any], tally: Tally) -> None:
+    def _collect_one(self, lines: dict[str, list[str]], batch: dict[str, Any], tally: Tally) -> None:
         from .errors import ProviderError
         from .providers.openai import parse_body
 
@@ -284,7 +314,7 @@ class BatchRun:
         held: list[bytes] = []
         for raw in self.client.lines(batch["output_file_id"]) if batch.get("output_file_id") else ():
             line = orjson.loads(raw)
-            keys = entry["lines"].get(line.get("custom_id"))
+            keys = lines.get(line.get("custom_id"))
             if keys is None:
                 tally.stray += 1
                 continue
@@ -330,7 +360,7 @@ class BatchRun:
             file_id = self.client.upload(part.path, f"{self.state.path.stem}-{seq}.jsonl")
             # Recorded before the batch is made: a run that dies here leaves a file nobody pays for, and the next
             # run makes its batch instead of uploading the texts again.
-            self.state.uploaded.append({"input_file_id": file_id, "lines": part.holds})
+            self.state.uploaded.append(self.state.record(file_id, part.holds))
             self.state.save()
             self.create_uploaded()
         return len(spool.parts)

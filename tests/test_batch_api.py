@@ -74,8 +74,10 @@ def test_submit_then_collect_then_a_rerun_pays_nothing(batches, tmp_path):
     assert sorted(batches.submitted_inputs()) == sorted(set(texts) - set(texts[:5]))  # exactly those, once each
     state = json.loads((tmp_path / "out.npy.batch.json").read_text())
     assert state["model"] == MODEL and len(state["batches"]) == 1 and not (tmp_path / "out.npy").exists()
-    dumped = json.dumps(state)
+    keys_dir = tmp_path / "out.npy.batch.json.keys"  # which keys each line holds: a file per input file
+    dumped = json.dumps(state) + "".join(f.read_text() for f in keys_dir.iterdir())
     assert "backfill text" not in dumped and KEY not in dumped  # keys and ids only: no text, no secret
+    assert len(list(keys_dir.iterdir())) == 1 and len(dumped) < 10_000
     upload = [p for m, p in batches.requests if m == "POST" and p != "/v1/embeddings"]
     assert upload == ["/v1/files", "/v1/batches"]
 
@@ -90,6 +92,7 @@ def test_submit_then_collect_then_a_rerun_pays_nothing(batches, tmp_path):
                      r"the Batch API's rate", done.stderr), done.stderr
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
     assert cached(tmp_path) == 20
+    assert list(keys_dir.iterdir()) == []  # a collected batch's keys are let go
 
     again = embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path)
     assert again.returncode == 0 and "0 misses, 0 tokens billed" in again.stderr
@@ -203,6 +206,9 @@ def test_files_split_at_their_limits_and_each_lacking_text_is_sent_once(batches,
     assert len(sent) == len(lacking) == 4000 and set(sent) == lacking
     inputs = [sum(len(line["body"]["input"]) for line in f["lines"]) for f in batches.files.values()]
     assert inputs == [1000, 1000, 1000, 1000] and len(batches.batches) == 4
+    # The state stays small however many files go out (saved after every step, it must not grow with the keys).
+    assert (tmp_path / "out.npy.batch.json").stat().st_size < 2_000
+    assert len(list((tmp_path / "out.npy.batch.json.keys").iterdir())) == 4
     assert all(len(line["body"]["input"]) <= 50 for f in batches.files.values() for line in f["lines"])
     ids = [line["custom_id"] for f in batches.files.values() for line in f["lines"]]
     assert len(ids) == len(set(ids))  # unique across the job's files, not only within each
@@ -291,3 +297,24 @@ def test_a_cache_that_cannot_be_read_submits_nothing(batches, tmp_path):
     run = embed(["in.txt", "--batch-api"], env, tmp_path)
     assert run.returncode == 1 and "could not look up the cache (sqlite)" in run.stderr, run.stderr
     assert [r for r in batches.requests if r[0] == "POST"] == [] and not batches.files
+
+
+def test_a_state_written_by_the_previous_version_is_still_collected(batches, tmp_path):
+    """Version 1 kept every line's keys inside the state file: such a state, left by a run before an upgrade, is
+    collected as it is, and nothing is submitted again."""
+    texts = corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    assert embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path).returncode == 75
+    path, keys_dir = tmp_path / "out.npy.batch.json", tmp_path / "out.npy.batch.json.keys"
+    state = json.loads(path.read_text())
+    for entry in state["batches"]:
+        entry["lines"] = json.loads((keys_dir / entry.pop("keys")).read_text())
+    state["version"] = 1
+    path.write_text(json.dumps(state))
+    for f in keys_dir.iterdir():
+        f.unlink()
+    batches.instant = True
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 20
