@@ -207,6 +207,18 @@ class State:
         if name:
             (self.keys_dir / name).unlink(missing_ok=True)
 
+    def progress(self) -> str:
+        """The batches still running, as the Batches API last reported them: "2 batch(es) running (in_progress:
+        1; validating: 1; 1200 of 4000 requests done)"."""
+        running = [b for b in self.batches if not b.get("collected")]
+        statuses: dict[str, int] = {}
+        for b in running:
+            statuses[b.get("status", "?")] = statuses.get(b.get("status", "?"), 0) + 1
+        done = sum(b.get("requests", [0, 0])[0] for b in running)
+        total = sum(b.get("requests", [0, 0])[1] for b in running)
+        said = "; ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
+        return f"{len(running)} batch(es) running ({said}" + (f"; {done} of {total} requests done)" if total else ")")
+
     def in_flight(self) -> set[str]:
         """Keys held by batches not yet collected (and files uploaded, not yet made batches)."""
         keys: set[str] = set()
@@ -296,6 +308,8 @@ class BatchRun:
                 continue
             batch = self.client.retrieve(entry["batch_id"])
             entry["status"] = batch["status"]
+            counts = batch.get("request_counts") or {}
+            entry["requests"] = [counts.get("completed", 0) + counts.get("failed", 0), counts.get("total", 0)]
             if batch["status"] not in TERMINAL:
                 continue
             self._collect_one(self.state.lines(entry), batch, tally)

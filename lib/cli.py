@@ -338,11 +338,10 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
                       f"come after {rounds} submissions); run the same command later, or add --sync-rest to pay the "
                       "rest now", file=sys.stderr)
             else:
-                print(f"pending: {pending} batch(es) running, {lacking.count} distinct texts to come; run the same "
-                      "command again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
+                print(f"pending: {state.progress()}, {lacking.count} distinct texts to come; run the same command "
+                      "again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
             return PENDING
-        bt.say(f"waiting: {pending} batch(es) running, {lacking.count} distinct texts to come, {tally.stored} "
-               "collected")
+        bt.say(f"waiting: {state.progress()}, {lacking.count} distinct texts to come, {tally.stored} collected")
         bt.poll_wait()
     census = census or validate(src, max_chars)
     _batch_report(tally)

@@ -156,6 +156,9 @@ class FakeBatches:
                         self.finish(batch)
                     else:
                         batch["status"] = following
+                        total = len(self.files[batch["input_file_id"]]["lines"])  # known once validated; all
+                        done = total if following == "finalizing" else 0          # answered when finalizing
+                        batch["request_counts"] = {"total": total, "completed": done, "failed": 0}
             return self.public(batch)
 
     @staticmethod

@@ -82,11 +82,15 @@ def test_submit_then_collect_then_a_rerun_pays_nothing(batches, tmp_path):
     assert upload == ["/v1/files", "/v1/batches"]
 
     pending = embed(["in.txt", "--batch-api", "--out", "out.npy"], env, tmp_path)
-    assert pending.returncode == 75 and "pending: 1 batch(es) running" in pending.stderr, pending.stderr
+    assert pending.returncode == 75, pending.stderr
+    assert "pending: 1 batch(es) running (in_progress: 1; 0 of 4 requests done), 15 distinct texts to come" \
+        in pending.stderr, pending.stderr
     assert len(batches.batches) == 1  # nothing submitted twice while the batch runs
 
     done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
     assert done.returncode == 0, done.stderr
+    assert "waiting: 1 batch(es) running (finalizing: 1; 4 of 4 requests done), 15 distinct texts to come, " \
+           "0 collected" in done.stderr, done.stderr
     tokens = sum(len(t.split()) for t in set(texts) - set(texts[:5]))
     assert re.search(rf"30 texts \(20 distinct\): 20 hits, 0 misses, {tokens} tokens billed, of which {tokens} at "
                      r"the Batch API's rate", done.stderr), done.stderr
