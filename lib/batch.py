@@ -219,6 +219,12 @@ class State:
         said = "; ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
         return f"{len(running)} batch(es) running ({said}" + (f"; {done} of {total} requests done)" if total else ")")
 
+    @property
+    def paced(self) -> bool:
+        """A batch of this job failed at OpenAI's enqueued-token limit: more batches at once would fail the same way,
+        so new ones go out one at a time, when none is running."""
+        return any(b.get("over_limit") for b in self.batches)
+
     def in_flight(self) -> set[str]:
         """Keys held by batches not yet collected (and files uploaded, not yet made batches)."""
         keys: set[str] = set()
@@ -238,6 +244,8 @@ class Tally:
     failed: dict[str, int] = field(default_factory=dict)  # reason -> lines
     rejected: int = 0  # lines whose answer did not pass validation (not cached)
     stray: int = 0  # output lines for a custom_id this job never sent
+    over_limit: str = ""  # OpenAI's message, when a batch failed at the organisation's enqueued-token limit
+    over_limit_alone: bool = False  # ... and no other batch of this job was running beside it
 
     def reason(self, text: str) -> None:
         self.failed[text] = self.failed.get(text, 0) + 1
@@ -288,9 +296,10 @@ class BatchRun:
     def create_uploaded(self) -> None:
         """Files uploaded by a run that stopped before creating their batch: their batch now (none was billed)."""
         for entry in list(self.state.uploaded):
+            alone = not any(not b.get("collected") for b in self.state.batches)
             batch = self.client.create(entry["input_file_id"], self._metadata())
             self.state.batches.append({"batch_id": batch["id"], "status": batch["status"], **entry,
-                                       "collected": False})
+                                       "collected": False, "alone": alone})
             self.state.uploaded.remove(entry)
             self.state.save()
 
@@ -313,8 +322,14 @@ class BatchRun:
             if batch["status"] not in TERMINAL:
                 continue
             self._collect_one(self.state.lines(entry), batch, tally)
+            codes = [str(e.get("code")) for e in (batch.get("errors") or {}).get("data") or [] if e.get("code")]
             if batch["status"] != "completed":
-                tally.reason(f"batch {batch['status']}")
+                tally.reason(f"batch {batch['status']}" + (f" ({', '.join(dict.fromkeys(codes))})" if codes else ""))
+            if "token_limit_exceeded" in codes:  # failed validation: nothing answered, nothing billed
+                entry["over_limit"] = True  # from now on this job sends one batch at a time (`State.paced`)
+                tally.over_limit = next(str(e.get("message") or "")[:300] for e in batch["errors"]["data"]
+                                        if e.get("code") == "token_limit_exceeded")
+                tally.over_limit_alone = tally.over_limit_alone or bool(entry.get("alone"))
             self.state.collected(entry)
 
     def _collect_one(self, lines: dict[str, list[str]], batch: dict[str, Any], tally: Tally) -> None:
@@ -367,9 +382,11 @@ class BatchRun:
 
     # -- submit ---------------------------------------------------------------------------------------------
 
-    def send(self, spool: Spool) -> int:
-        """Upload each of the spool's files and create its batch. Returns how many batches were made."""
-        for made, part in enumerate(spool.close(), 1):
+    def send(self, spool: Spool, most: int | None = None) -> tuple[int, int]:
+        """Upload the spool's files (the first `most` of them) and create a batch for each. Returns (texts, batches)
+        sent: what is left out stays lacking, for a later round."""
+        parts = spool.close()[:most]
+        for part in parts:
             seq = len(self.state.batches) + len(self.state.uploaded)
             file_id = self.client.upload(part.path, f"{self.state.path.stem}-{seq}.jsonl")
             # Recorded before the batch is made: a run that dies here leaves a file nobody pays for, and the next
@@ -377,7 +394,7 @@ class BatchRun:
             self.state.uploaded.append(self.state.record(file_id, part.holds))
             self.state.save()
             self.create_uploaded()
-        return len(spool.parts)
+        return sum(p.inputs for p in parts), len(parts)
 
 
 def _failure(line: dict[str, Any]) -> str:
@@ -400,6 +417,7 @@ class Lacking:
         self.in_flight = in_flight
         self.sink = sink
         self.count = 0  # distinct texts the cache lacks, in flight or not (known once `flush` has run)
+        self.free = 0  # of those, the texts no batch in flight holds
         self._held: list[str] = []
 
     def add(self, text: str) -> None:
@@ -419,8 +437,9 @@ class Lacking:
                                  code="cache_unavailable")
         lacking = [i for i, key in enumerate(keys) if key not in found]
         self.count += len(lacking)
+        send = [i for i in lacking if keys[i] not in self.in_flight]
+        self.free += len(send)
         if self.sink is not None:
-            send = [i for i in lacking if keys[i] not in self.in_flight]
             self.sink([held[i] for i in send], [keys[i] for i in send])
 
     def read(self, src: Any, census: Any) -> None:

@@ -301,6 +301,12 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
     while True:
         run.collect(tally)
         pending = sum(not b.get("collected") for b in state.batches)
+        if tally.over_limit_alone:  # more waiting cannot make room for a file that does not fit on its own
+            _batch_report(tally)
+            return _fail(1, f"a batch failed at OpenAI's enqueued-token limit with no other batch of this job running "
+                            f"({tally.over_limit}); each batch file holds up to {bt.FILE_INPUTS} inputs: set "
+                            "EMBEDDINGS_BATCH_FILE_INPUTS lower (or let the organisation's other batches finish), then "
+                            "run the same command again; nothing was billed for it")
         if args.sync_rest and not pending:
             break  # the writing pass pays what is still missing, through the ordinary endpoint
         if args.sync_rest and not args.wait:  # pay now what no batch holds; the batches still running stay theirs
@@ -315,7 +321,10 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
         count = made = 0
         with tempfile.TemporaryDirectory(prefix="embed-batch-") as scratch:
             spool = bt.Spool(scratch, job, spec.id, dims, len(state.batches) + len(state.uploaded))
-            submitting = not args.sync_rest and not (args.wait and rounds >= MAX_ROUNDS)  # else counted only
+            # Else counted only: --sync-rest pays them later; a --wait run stops submitting after MAX_ROUNDS; and a
+            # job that met the enqueued-token limit sends one file at a time, when none of its batches is running.
+            held = state.paced and pending > 0
+            submitting = not args.sync_rest and not (args.wait and rounds >= MAX_ROUNDS) and not held
             lacking = bt.Lacking(embedder.service, spec, dims, state.in_flight(), spool.add if submitting else None)
             if census is None:  # the census itself finds what the cache lacks, as it reads: one pass over the input
                 census = validate(src, max_chars, lacking.add)
@@ -323,14 +332,17 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
             else:
                 lacking.read(src, census)
             if spool.texts:
-                made, count = run.send(spool), spool.texts
+                count, made = run.send(spool, most=1 if state.paced else None)
         if count:
-            rounds += 1
+            rounds += 0 if state.paced else 1  # pacing is progress, not batches ending early
             bt.say(f"submitted {count} texts (the distinct texts the cache lacked) in {made} batch file(s); "
-                   f"state in {state_path}")
+                   f"state in {state_path}" + (f"; one file at a time (OpenAI's enqueued-token limit): "
+                                               f"{lacking.count - count} texts wait" if state.paced else ""))
         if lacking.count == 0:
             break
         pending = sum(not b.get("collected") for b in state.batches)
+        waits = f" ({lacking.free} held back while batches run: OpenAI's enqueued-token limit was reached)" \
+            if held and lacking.free else ""
         if not args.wait or (rounds >= MAX_ROUNDS and not pending):
             _batch_report(tally)
             if rounds >= MAX_ROUNDS and not pending:
@@ -338,10 +350,10 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
                       f"come after {rounds} submissions); run the same command later, or add --sync-rest to pay the "
                       "rest now", file=sys.stderr)
             else:
-                print(f"pending: {state.progress()}, {lacking.count} distinct texts to come; run the same command "
-                      "again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
+                print(f"pending: {state.progress()}, {lacking.count} distinct texts to come{waits}; run the same "
+                      "command again (or add --wait) to collect: results come within 24 h", file=sys.stderr)
             return PENDING
-        bt.say(f"waiting: {state.progress()}, {lacking.count} distinct texts to come, {tally.stored} collected")
+        bt.say(f"waiting: {state.progress()}, {lacking.count} distinct texts to come{waits}, {tally.stored} collected")
         bt.poll_wait()
     census = census or validate(src, max_chars)
     _batch_report(tally)

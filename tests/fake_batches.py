@@ -45,6 +45,7 @@ class FakeBatches:
         self.steps_per_status = 1  # retrievals before a batch moves on a status
         self.instant = False  # a batch ends at its first retrieval
         self.fail_create_after_upload = False  # the create call is refused once (a run stops between the two)
+        self.enqueued_limit: int | None = None  # tokens the organisation may have enqueued at once (OpenAI's limit)
         self.seed = 7
         fake = self
 
@@ -145,6 +146,8 @@ class FakeBatches:
             batch = self.batches.get(batch_id)
             if batch is None:
                 return None
+            if batch["status"] == "validating" and self.over_limit(batch):
+                return self.public(batch)
             if batch["status"] in STEPS[:-1] and self.instant:
                 self.finish(batch)
             elif batch["status"] in STEPS[:-1]:
@@ -160,6 +163,32 @@ class FakeBatches:
                         done = total if following == "finalizing" else 0          # answered when finalizing
                         batch["request_counts"] = {"total": total, "completed": done, "failed": 0}
             return self.public(batch)
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return sum(len(t.split()) for line in self.files[batch["input_file_id"]]["lines"] for t in line["body"]["input"])
+
+    def over_limit(self, batch: dict[str, Any]) -> bool:
+        """Validation against the enqueued-token limit, as OpenAI does it: a batch that would take the tokens of the
+        batches in progress past the limit fails at once, with nothing answered (and nothing billed)."""
+        if self.enqueued_limit is None:
+            return False
+        running = sum(self.tokens(b) for b in self.batches.values() if b["status"] in ("in_progress", "finalizing"))
+        if running + self.tokens(batch) <= self.enqueued_limit:
+            return False
+        batch["status"] = "failed"
+        batch["errors"] = {"object": "list", "data": [{
+            "code": "token_limit_exceeded", "line": None, "param": None,
+            "message": f"Enqueued token limit reached for {self.files[batch['input_file_id']]['lines'][0]['body']['model']} "
+                       f"in organization org-test. Limit: {self.enqueued_limit:,} enqueued tokens. Please try again once "
+                       "some in_progress batches have been completed."}]}
+        return True
+
+    def billed_inputs(self) -> list[str]:
+        """The texts of the lines batches answered (a batch that failed validation answers and bills nothing)."""
+        answered = {line["custom_id"] for b in self.batches.values() if b.get("output_file_id")
+                    for line in self.files[b["output_file_id"]]["lines"]}
+        return [t for b in self.batches.values() for line in self.files[b["input_file_id"]]["lines"]
+                if line["custom_id"] in answered for t in line["body"]["input"]]
 
     @staticmethod
     def public(batch: dict[str, Any]) -> dict[str, Any]:

@@ -322,3 +322,35 @@ def test_a_state_written_by_the_previous_version_is_still_collected(batches, tmp
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
     assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 20
+
+
+def test_the_enqueued_token_limit_paces_the_batches_and_bills_each_text_once(batches, tmp_path):
+    """OpenAI fails a batch that would take the organisation past its enqueued-token limit (nothing answered,
+    nothing billed). The job then sends one file at a time, when none of its batches runs, until all are in."""
+    texts = corpus(tmp_path, distinct=12, lines=12)  # 3 words a text: 12 tokens a file of 4
+    env = env_for(batches, tmp_path, EMBEDDINGS_BATCH_FILE_INPUTS="4")
+    batches.enqueued_limit = 20  # one file fits, two do not
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "lines not answered: 2 batch failed (token_limit_exceeded)" in done.stderr
+    assert "12 distinct texts to come (8 held back while batches run: OpenAI's enqueued-token limit was reached)" \
+        in done.stderr
+    assert "one file at a time (OpenAI's enqueued-token limit): 4 texts wait" in done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert sorted(batches.billed_inputs()) == sorted(set(texts))  # each text billed once
+    # The two that failed at the limit, then their texts one file at a time: none failed again.
+    statuses = [b["status"] for b in batches.batches.values()]
+    assert statuses == ["completed", "failed", "failed", "completed", "completed"], statuses
+    assert batches.sync_inputs == []  # nothing paid at the full price
+
+
+def test_a_file_over_the_enqueued_token_limit_on_its_own_says_what_to_change(batches, tmp_path):
+    corpus(tmp_path, distinct=4, lines=4)
+    env = env_for(batches, tmp_path)
+    batches.enqueued_limit, batches.instant = 10, True  # the one file holds 12 tokens
+    assert embed(["in.txt", "--batch-api"], env, tmp_path).returncode == 75
+    again = embed(["in.txt", "--batch-api"], env, tmp_path)
+    assert again.returncode == 1, again.stderr
+    assert "with no other batch of this job running (Enqueued token limit reached for text-embedding-3-small" \
+        in again.stderr and "set EMBEDDINGS_BATCH_FILE_INPUTS lower" in again.stderr, again.stderr
+    assert len(batches.batches) == 1 and batches.billed_inputs() == []
