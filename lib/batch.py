@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from .corpus import CorpusError
-from .errors import EmbeddingError
+from .errors import EmbeddingError, parse_retry_after
 from .providers.base import chunk_by_limits
 
 MAX_LINES = 50_000
@@ -61,7 +61,8 @@ POLL_S = float(os.environ.get("EMBEDDINGS_BATCH_POLL_S") or 30)
 
 
 class BatchClient:
-    """OpenAI's Files and Batches APIs at one base URL, over httpx, with tenacity's retries for 429 and 5xx."""
+    """OpenAI's Files and Batches APIs at one base URL, over httpx; 429 and 5xx are tried again (`lib.retry`),
+    after the `retry-after` an answer asks for."""
 
     def __init__(self, base_url: str, api_key: str) -> None:
         import httpx
@@ -74,29 +75,29 @@ class BatchClient:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+        from .retry import call_again_while
 
         def again(exc: BaseException) -> bool:
             return isinstance(exc, httpx.TransportError) or (isinstance(exc, EmbeddingError) and
                                                              (exc.status == 429 or exc.status >= 500))
 
         try:
-            for attempt in Retrying(stop=stop_after_attempt(5), wait=wait_random_exponential(multiplier=0.5, max=20),
-                                    retry=retry_if_exception(again), reraise=True):
-                with attempt:
-                    r = self._client.request(method, path, **kwargs)
-                    if r.status_code >= 400:
-                        try:
-                            message = str(r.json()["error"]["message"])[:300]
-                        except (ValueError, KeyError, TypeError):
-                            message = f"HTTP {r.status_code}"
-                        raise EmbeddingError(r.status_code, f"the Batch API answered {r.status_code}: {message}",
-                                             code="batch_api_error")
-                    return r
+            return call_again_while(lambda: self._once(method, path, kwargs), again, attempts=5, longest_wait=20)
         except httpx.TransportError as exc:
             raise EmbeddingError(502, f"could not reach the Batch API ({type(exc).__name__})",
                                  code="batch_api_unreachable") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+        r = self._client.request(method, path, **kwargs)
+        if r.status_code >= 400:
+            try:
+                message = str(r.json()["error"]["message"])[:300]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {r.status_code}"
+            raise EmbeddingError(r.status_code, f"the Batch API answered {r.status_code}: {message}",
+                                 code="batch_api_error", retry_after=parse_retry_after(r.headers.get("retry-after")))
+        return r
 
     def upload(self, path: Path, filename: str) -> str:
         """A batch input file, streamed from disk (up to 200 MB; httpx rewinds it for a retry)."""

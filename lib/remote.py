@@ -2,7 +2,7 @@
 
 For a user who holds the endpoint's key but not the provider's or Supabase's secrets. It speaks the
 endpoint's own contract (base64 answers, `x-cache-hits` / `x-cache-misses`, `usage`), waits out 429 and
-503 as `retry-after` says (tenacity), and turns any other error answer into the same `EmbeddingError`
+503 as `retry-after` says (`lib.retry`), and turns any other error answer into the same `EmbeddingError`
 the in-process `Embedder` raises.
 """
 
@@ -29,34 +29,24 @@ class RemoteEmbedder:
     def embed(self, texts: Sequence[str], *, model: str | None = None,
               dimensions: int | None = None) -> EmbeddingResult:
         import httpx
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+        from .retry import call_again_while
 
         body: dict[str, Any] = {"input": list(texts), "encoding_format": "base64"}
         if model:
             body["model"] = model
         if dimensions:
             body["dimensions"] = dimensions
-        backoff = wait_random_exponential(multiplier=0.5, max=30)
-
-        def wait(state: Any) -> float:
-            exc = state.outcome.exception()
-            if isinstance(exc, EmbeddingError) and exc.retry_after is not None:
-                return exc.retry_after
-            return backoff(state)
 
         def again(exc: BaseException) -> bool:
             return isinstance(exc, httpx.TransportError) or (isinstance(exc, EmbeddingError)
                                                              and exc.status in (429, 503))
 
         try:
-            for attempt in Retrying(stop=stop_after_attempt(ATTEMPTS), wait=wait, retry=retry_if_exception(again),
-                                    reraise=True):
-                with attempt:
-                    return self._once(body)
+            return call_again_while(lambda: self._once(body), again, attempts=ATTEMPTS, longest_wait=30)
         except httpx.TransportError as exc:
             raise EmbeddingError(502, f"could not reach the endpoint ({type(exc).__name__})",
                                  code="endpoint_unreachable") from None
-        raise AssertionError("unreachable")  # pragma: no cover - Retrying returns or raises
 
     def _once(self, body: dict[str, Any]) -> EmbeddingResult:
         r = self._client.post("/embeddings", json=body)

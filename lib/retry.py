@@ -1,4 +1,4 @@
-"""One retry policy for every provider, built on tenacity.
+"""Retry policies, built on tenacity: one for every provider, one for the other HTTP services a command talks to.
 
 Retry what can succeed (429 rate limits, 5xx, timeouts, connection errors, a model
 that is loading), never what cannot (a bad request, a rejected key, an exhausted
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from .deadline import Deadline
-from .errors import ProviderError
+from .errors import EmbeddingError, ProviderError
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -72,3 +72,21 @@ def call_with_retries(fn: Callable[[], T], deadline: Deadline, *, attempts: int 
                 code="provider_timeout",
             ) from exc
         raise
+
+
+def call_again_while(fn: Callable[[], T], again: Callable[[BaseException], bool], *, attempts: int,
+                     longest_wait: float) -> T:
+    """Run `fn` (a call to a deployed endpoint, or to OpenAI's Files and Batches APIs) while `again` says its error
+    may pass, `attempts` tries at most: waiting what the answer asked for (an `EmbeddingError`'s `retry_after`),
+    else exponential backoff with jitter up to `longest_wait` seconds. The last error goes out as it is."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    backoff = wait_random_exponential(multiplier=0.5, max=longest_wait)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, EmbeddingError) and exc.retry_after is not None:
+            return exc.retry_after
+        return backoff(state)
+
+    return Retrying(stop=stop_after_attempt(attempts), wait=wait, retry=retry_if_exception(again), reraise=True)(fn)

@@ -46,6 +46,7 @@ class FakeBatches:
         self.instant = False  # a batch ends at its first retrieval
         self.fail_create_after_upload = False  # the create call is refused once (a run stops between the two)
         self.enqueued_limit: int | None = None  # tokens the organisation may have enqueued at once (OpenAI's limit)
+        self.throttle_uploads = 0  # this many uploads are answered 429 with a retry-after first
         self.seed = 7
         fake = self
 
@@ -69,6 +70,11 @@ class FakeBatches:
             def do_POST(self) -> None:
                 fake.requests.append(("POST", self.path))
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path == "/v1/files" and fake.throttle_uploads:
+                    fake.throttle_uploads -= 1
+                    return self.send(429, json.dumps({"error": {"message": "Rate limit reached for files",
+                                                                "type": "requests"}}).encode(),
+                                     headers={"retry-after": "0.05"})
                 if self.path == "/v1/files":
                     return self.json(200, fake.upload(self.headers.get("content-type", ""), body))
                 if self.path == "/v1/batches":

@@ -354,3 +354,14 @@ def test_a_file_over_the_enqueued_token_limit_on_its_own_says_what_to_change(bat
     assert "with no other batch of this job running (Enqueued token limit reached for text-embedding-3-small" \
         in again.stderr and "set EMBEDDINGS_BATCH_FILE_INPUTS lower" in again.stderr, again.stderr
     assert len(batches.batches) == 1 and batches.billed_inputs() == []
+
+
+def test_a_rate_limited_upload_is_sent_again_after_its_retry_after(batches, tmp_path):
+    """The Files API answers 429 twice: the same file goes again, whole, and one batch is made of it."""
+    texts = corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    batches.throttle_uploads = 2
+    run = embed(["in.txt", "--batch-api"], env, tmp_path)
+    assert run.returncode == 75, run.stderr
+    assert [p for m, p in batches.requests if m == "POST"] == ["/v1/files"] * 3 + ["/v1/batches"]
+    assert len(batches.files) == 1 and sorted(batches.submitted_inputs()) == sorted(set(texts))
