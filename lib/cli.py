@@ -192,7 +192,12 @@ def embed(args: argparse.Namespace) -> int:
     try:
         started = time.monotonic()
         if args.batch_api:
-            return batch_api(args, embedder, src, max_chars, started)
+            try:
+                return batch_api(args, embedder, src, max_chars, started)
+            except KeyboardInterrupt:  # collecting, submitting or waiting: each step was recorded before it was taken
+                print("interrupted: what was submitted and collected is recorded in the state file beside the "
+                      "output; run the same command again to go on (nothing is paid twice)", file=sys.stderr)
+                return 130
         census = validate(src, max_chars)  # every line checked before the first request
         out = open_output(args.out, census.texts) if args.out else None
         one_pass = census.distinct == census.texts or not persistent

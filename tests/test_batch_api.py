@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -365,3 +366,25 @@ def test_a_rate_limited_upload_is_sent_again_after_its_retry_after(batches, tmp_
     assert run.returncode == 75, run.stderr
     assert [p for m, p in batches.requests if m == "POST"] == ["/v1/files"] * 3 + ["/v1/batches"]
     assert len(batches.files) == 1 and sorted(batches.submitted_inputs()) == sorted(set(texts))
+
+
+def test_ctrl_c_while_waiting_loses_nothing_and_the_next_run_goes_on(batches, tmp_path):
+    texts = corpus(tmp_path)
+    env = env_for(batches, tmp_path)
+    batches.steps_per_status = 10**6  # the batch stays validating while the run waits
+    proc = subprocess.Popen([sys.executable, "-m", "lib", "embed", "in.txt", "--batch-api", "--out", "out.npy",
+                             "--wait"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    while not any(line.startswith("waiting:") for line in lines):
+        lines.append(proc.stderr.readline())
+        assert lines[-1], "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=30) == 130, rest
+    assert "interrupted: what was submitted and collected is recorded" in rest and "Traceback" not in rest, rest
+    batches.instant = True
+    done = embed(["in.txt", "--batch-api", "--out", "out.npy", "--wait"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected(batches, texts))
+    assert len(batches.batches) == 1 and len(batches.submitted_inputs()) == 20
