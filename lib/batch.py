@@ -208,13 +208,18 @@ class State:
         if name:
             (self.keys_dir / name).unlink(missing_ok=True)
 
+    @property
+    def running(self) -> list[dict[str, Any]]:
+        """The batches not yet collected."""
+        return [b for b in self.batches if not b.get("collected")]
+
     def progress(self) -> str:
         """The batches still running, as the Batches API last reported them: "2 batch(es) running (in_progress:
         1; validating: 1; 1200 of 4000 requests done)"."""
-        running = [b for b in self.batches if not b.get("collected")]
-        statuses: dict[str, int] = {}
-        for b in running:
-            statuses[b.get("status", "?")] = statuses.get(b.get("status", "?"), 0) + 1
+        from collections import Counter
+
+        running = self.running
+        statuses = Counter(b.get("status", "?") for b in running)
         done = sum(b.get("requests", [0, 0])[0] for b in running)
         total = sum(b.get("requests", [0, 0])[1] for b in running)
         said = "; ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
@@ -297,7 +302,7 @@ class BatchRun:
     def create_uploaded(self) -> None:
         """Files uploaded by a run that stopped before creating their batch: their batch now (none was billed)."""
         for entry in list(self.state.uploaded):
-            alone = not any(not b.get("collected") for b in self.state.batches)
+            alone = not self.state.running
             batch = self.client.create(entry["input_file_id"], self._metadata())
             self.state.batches.append({"batch_id": batch["id"], "status": batch["status"], **entry,
                                        "collected": False, "alone": alone})
@@ -323,13 +328,15 @@ class BatchRun:
             if batch["status"] not in TERMINAL:
                 continue
             self._collect_one(self.state.lines(entry), batch, tally)
-            codes = [str(e.get("code")) for e in (batch.get("errors") or {}).get("data") or [] if e.get("code")]
+            errors: dict[str, str] = {}  # code -> its first message
+            for e in (batch.get("errors") or {}).get("data") or []:
+                if e.get("code"):
+                    errors.setdefault(str(e["code"]), str(e.get("message") or "")[:300])
             if batch["status"] != "completed":
-                tally.reason(f"batch {batch['status']}" + (f" ({', '.join(dict.fromkeys(codes))})" if codes else ""))
-            if "token_limit_exceeded" in codes:  # failed validation: nothing answered, nothing billed
+                tally.reason(f"batch {batch['status']}" + (f" ({', '.join(errors)})" if errors else ""))
+            if "token_limit_exceeded" in errors:  # failed validation: nothing answered, nothing billed
                 entry["over_limit"] = True  # from now on this job sends one batch at a time (`State.paced`)
-                tally.over_limit = next(str(e.get("message") or "")[:300] for e in batch["errors"]["data"]
-                                        if e.get("code") == "token_limit_exceeded")
+                tally.over_limit = errors["token_limit_exceeded"]
                 tally.over_limit_alone = tally.over_limit_alone or bool(entry.get("alone"))
             self.state.collected(entry)
 

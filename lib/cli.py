@@ -305,7 +305,7 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
     rounds = 0
     while True:
         run.collect(tally)
-        pending = sum(not b.get("collected") for b in state.batches)
+        pending = len(state.running)
         if tally.over_limit_alone:  # more waiting cannot make room for a file that does not fit on its own
             _batch_report(tally)
             return _fail(1, f"a batch failed at OpenAI's enqueued-token limit with no other batch of this job running "
@@ -345,7 +345,7 @@ def batch_api(args: argparse.Namespace, embedder: Any, src: Any, max_chars: int,
                                                f"{lacking.count - count} texts wait" if state.paced else ""))
         if lacking.count == 0:
             break
-        pending = sum(not b.get("collected") for b in state.batches)
+        pending = len(state.running)
         waits = f" ({lacking.free} held back while batches run: OpenAI's enqueued-token limit was reached)" \
             if held and lacking.free else ""
         if not args.wait or (rounds >= MAX_ROUNDS and not pending):

@@ -54,15 +54,6 @@ ON CONFLICT(key) DO UPDATE SET model = excluded.model, dimensions = excluded.dim
     vector = excluded.vector, created_at = excluded.created_at, last_used_at = excluded.last_used_at
 WHERE length(embedding_cache.vector) != length(excluded.vector)
 """
-_LAST_USED = "ALTER TABLE embedding_cache ADD COLUMN last_used_at REAL"
-
-# A row whose vector has the wrong length (written by a bug or an old version) is replaced.
-_PUT = """
-INSERT INTO embedding_cache (key, model, dimensions, vector, created_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)
-ON CONFLICT(key) DO UPDATE SET model = excluded.model, dimensions = excluded.dimensions,
-    vector = excluded.vector, created_at = excluded.created_at, last_used_at = excluded.last_used_at
-WHERE length(embedding_cache.vector) != length(excluded.vector)
-"""
 _LAST_USED = "coalesce(last_used_at, created_at)"
 DAY_S = 86_400.0  # last use is refreshed at most once a day per row, as the Supabase table does
 
@@ -209,8 +200,8 @@ class SQLiteCache:
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
             try:
-                # In key order: the table is a B-tree on the key, and random keys inserted in order touch each page
-                # once instead of splitting pages all over the file (50,000 rows of 1 KB: 3.6 s -> 1.9 s).
+                # In key order: the key's index is a B-tree, and random keys inserted in order touch each of its
+                # pages once instead of splitting pages all over the file.
                 conn.executemany(_PUT, [(key, model, dims, vector, now, now)
                                         for key, model, dims, vector in sorted(entries)])  # by key: keys are unique
                 conn.execute("COMMIT")
